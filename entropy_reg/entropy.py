@@ -1,0 +1,166 @@
+"""Exact per-token entropy and log-probs of softmax(logits / T), fused and memory-light.
+
+Public functions validate their arguments and dispatch to a backend
+(``entropy_reg.kernels``); both go through one custom op (``entropy_reg.ops``).
+Units are nats. Outputs are float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .ops import logprobs_entropy
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def token_entropy(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Entropy H = -sum_j p_j log p_j (nats) of p = softmax(logits / temperature), per row.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16; any strides (a copy is
+            made only when the last dimension is not contiguous or the leading
+            dimensions cannot be read as at most two strided dimensions).
+        temperature: T > 0; the gradient includes the 1/T factor.
+        mask: optional bool ``[...]``; False rows are never read, give 0 and get
+            gradient 0.
+        backend: "torch", "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``) or
+            "auto" (triton on CUDA when it imports, else torch).
+        inplace_backward: write the gradient over the logits buffer in the backward
+            (no extra memory). The logits are destroyed: use it only when nothing
+            else reads them after this op's backward.
+
+    Returns:
+        float32 ``[...]``. A row with a NaN (or +inf, or only -inf) gives NaN; -inf
+        entries are legal and contribute 0.
+    """
+    _, entropy = _logprobs_entropy(logits, None, mask, temperature, -100, backend, inplace_backward)
+    return entropy
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(log p_y, H) per row from one pass over the logits, p = softmax(logits / temperature).
+
+    ``labels[...]`` holds vocabulary ids; rows whose label is ``ignore_index``
+    behave as masked rows for both outputs (0, gradient 0, never read). When both
+    outputs carry gradients, one backward pass forms the combined gradient
+    ``g_lp * (1[y] - p) - g_H * p * (log p + H)``. Other arguments as
+    :func:`token_entropy`.
+    """
+    return _logprobs_entropy(logits, labels, mask, temperature, ignore_index, backend, inplace_backward)
+
+
+def _logprobs_entropy(
+    logits: Tensor,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    inplace_backward: bool,
+) -> tuple[Tensor, Tensor]:
+    _check_logits(logits)
+    lead = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    _check_temperature(temperature)
+    backend = kernels.resolve(backend, logits.device)
+    active = None
+    if mask is not None:
+        _check_rows_tensor("mask", mask, logits, (torch.bool,))
+        active = mask.reshape(-1)
+    flat_labels = None
+    if labels is not None:
+        _check_rows_tensor("labels", labels, logits, (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8))
+        flat_labels = labels.reshape(-1).long()
+        valid = flat_labels != ignore_index
+        _check_label_range(flat_labels, valid, vocab, ignore_index)
+        active = valid if active is None else active & valid
+    if inplace_backward and not logits.requires_grad:
+        inplace_backward = False
+    x3 = _as_3d(logits)
+    logp, entropy, _ = logprobs_entropy(x3, flat_labels, active, 1.0 / float(temperature), backend, inplace_backward)
+    return (logp.view(lead) if labels is not None else logp), entropy.view(lead)
+
+
+def _as_3d(logits: Tensor) -> Tensor:
+    """View ``[..., V]`` as ``[b, t, V]`` with last stride 1, copying only when no such view exists.
+
+    Leading dimensions are merged where their strides allow, so slices such as
+    ``logits[:, :-1]`` of a contiguous ``[B, T, V]`` stay views.
+    """
+    vocab = logits.shape[-1]
+    if logits.is_contiguous():
+        return logits.view(1, -1, vocab)
+    if logits.stride(-1) != 1 and vocab > 1:
+        return logits.contiguous().view(1, -1, vocab)
+    dims: list[list[int]] = []
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if len(dims) > 2:
+        return logits.contiguous().view(1, -1, vocab)
+    while len(dims) < 2:
+        dims.insert(0, [1, dims[0][0] * dims[0][1] if dims else vocab])
+    (b, sb), (t, st) = dims
+    return logits.as_strided((b, t, vocab), (sb, st, 1))
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def _check_rows_tensor(name: str, t: Tensor, logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.shape != logits.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(logits.shape[:-1])} (logits without the last dim), got {tuple(t.shape)}")
+    if t.device != logits.device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+
+
+def _check_label_range(labels: Tensor, valid: Tensor, vocab: int, ignore_index: int) -> None:
+    # A data-dependent check; skipped while torch.compile traces (it would break the graph).
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {first}")
