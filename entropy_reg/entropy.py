@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels, vocab_parallel
 from .ops import logprobs_entropy
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -25,6 +25,7 @@ def token_entropy(
     mask: Tensor | None = None,
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """Entropy H = -sum_j p_j log p_j (nats) of p = softmax(logits / temperature), per row.
 
@@ -40,12 +41,15 @@ def token_entropy(
         inplace_backward: write the gradient over the logits buffer in the backward
             (no extra memory). The logits are destroyed: use it only when nothing
             else reads them after this op's backward.
+        process_group: vocabulary parallelism: ``logits`` is this rank's contiguous
+            shard (rank r holds ids ``[r * V, (r + 1) * V)``), the result is the full
+            vocabulary's on every rank (see ``entropy_reg.vocab_parallel``). Eager only.
 
     Returns:
         float32 ``[...]``. A row with a NaN (or +inf, or only -inf) gives NaN; -inf
         entries are legal and contribute 0.
     """
-    _, entropy = _logprobs_entropy(logits, None, mask, temperature, -100, backend, inplace_backward)
+    _, entropy = _logprobs_entropy(logits, None, mask, temperature, -100, backend, inplace_backward, process_group)
     return entropy
 
 
@@ -58,16 +62,20 @@ def token_logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(log p_y, H) per row from one pass over the logits, p = softmax(logits / temperature).
 
     ``labels[...]`` holds vocabulary ids; rows whose label is ``ignore_index``
-    behave as masked rows for both outputs (0, gradient 0, never read). When both
+    behave as masked rows for both outputs (0, gradient 0, never read). An id
+    outside ``[0, V)`` raises ValueError on the CPU and the torch backend; the
+    Triton backend on CUDA returns NaN for that row's log-prob instead (checking
+    would cost a host sync every call). When both
     outputs carry gradients, one backward pass forms the combined gradient
-    ``g_lp * (1[y] - p) - g_H * p * (log p + H)``. Other arguments as
-    :func:`token_entropy`.
+    ``g_lp * (1[y] - p) - g_H * p * (log p + H)``. With ``process_group``, labels
+    are global vocabulary ids. Other arguments as :func:`token_entropy`.
     """
-    return _logprobs_entropy(logits, labels, mask, temperature, ignore_index, backend, inplace_backward)
+    return _logprobs_entropy(logits, labels, mask, temperature, ignore_index, backend, inplace_backward, process_group)
 
 
 def _logprobs_entropy(
@@ -78,10 +86,13 @@ def _logprobs_entropy(
     ignore_index: int,
     backend: str,
     inplace_backward: bool,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     _check_logits(logits)
     lead = logits.shape[:-1]
     vocab = logits.shape[-1]
+    if process_group is not None:
+        vocab *= vocab_parallel.group_layout(process_group)[1]  # labels are global ids
     _check_temperature(temperature)
     backend = kernels.resolve(backend, logits.device)
     active = None
@@ -93,12 +104,19 @@ def _logprobs_entropy(
         _check_rows_tensor("labels", labels, logits, (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8))
         flat_labels = labels.reshape(-1).long()
         valid = flat_labels != ignore_index
-        _check_label_range(flat_labels, valid, vocab, ignore_index)
+        if backend == "torch" or logits.device.type == "cpu":
+            # The Triton kernels turn an id outside [0, V) into a NaN log-prob without a host sync.
+            _check_label_range(flat_labels, valid, vocab, ignore_index)
         active = valid if active is None else active & valid
     if inplace_backward and not logits.requires_grad:
         inplace_backward = False
     x3 = _as_3d(logits)
-    logp, entropy, _ = logprobs_entropy(x3, flat_labels, active, 1.0 / float(temperature), backend, inplace_backward)
+    if process_group is not None:
+        logp, entropy = vocab_parallel.sharded_logprobs_entropy(
+            x3, flat_labels, active, 1.0 / float(temperature), backend, inplace_backward, process_group
+        )
+    else:
+        logp, entropy, _ = logprobs_entropy(x3, flat_labels, active, 1.0 / float(temperature), backend, inplace_backward)
     return (logp.view(lead) if labels is not None else logp), entropy.view(lead)
 
 

@@ -14,6 +14,11 @@ from torch import Tensor
 from . import kernels
 
 
+def _no_autocast(x: Tensor) -> torch.autocast:
+    # The backends choose their own precision (float32 math); an enclosing autocast must not recast it.
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.library.custom_op("entropy_reg::logprobs_entropy", mutates_args=())
 def logprobs_entropy(
     x3: Tensor,
@@ -24,7 +29,8 @@ def logprobs_entropy(
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs[n] or empty when labels is None, entropy[n], lse[n]) in float32."""
-    return kernels.load(backend).forward(x3, labels, active, inv_temp)
+    with _no_autocast(x3):
+        return kernels.load(backend).forward(x3, labels, active, inv_temp)
 
 
 @logprobs_entropy.register_fake
@@ -48,7 +54,8 @@ def logprobs_entropy_backward(
 ) -> Tensor:
     """dL/dx3 as a new contiguous tensor of x3's shape and dtype."""
     out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-    kernels.load(backend).backward(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, out)
+    with _no_autocast(x3):
+        kernels.load(backend).backward(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, out)
     return out
 
 
@@ -70,7 +77,8 @@ def logprobs_entropy_backward_(
     backend: str,
 ) -> None:
     """dL/dx3 written over x3 itself (the logits are destroyed)."""
-    kernels.load(backend).backward(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, x3)
+    with _no_autocast(x3):
+        kernels.load(backend).backward(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, x3)
 
 
 @logprobs_entropy_backward_.register_fake

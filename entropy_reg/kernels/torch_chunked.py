@@ -148,15 +148,18 @@ def backward(
     g_lp = grad_logp.float() if grad_logp is not None and labels is not None else None
     step = chunk_rows(n, v, dev)
     lp_buf = torch.empty(step, v, device=dev, dtype=torch.float32)
+    inv_t = torch.full((1, 1), inv_temp, device=dev, dtype=torch.float32)
     p_buf = torch.empty(step, v, device=dev, dtype=torch.float32)
     for rows, xc in _row_blocks(x3, active):
         r = xc.shape[0]
         lp, p = lp_buf[:r], p_buf[:r]
         gh = g_h[rows].unsqueeze(1)
-        # log p = x/T - lse, formed as (x - T*lse)/T so bf16 inputs are subtracted in float32
-        torch.sub(xc, lse[rows].unsqueeze(1) / inv_temp, out=lp)
-        if inv_temp != 1.0:
-            lp.mul_(inv_temp)
+        # log p = x/T - lse, rounded as the forward rounded lse = m/T + ln s (exact at the max)
+        if inv_temp == 1.0:
+            torch.sub(xc, lse[rows].unsqueeze(1), out=lp)
+        else:
+            torch.mul(xc, inv_t, out=lp)  # a float32 [1, 1] factor: bf16 inputs are multiplied in float32
+            lp.sub_(lse[rows].unsqueeze(1))
         lp.clamp_(min=_LOG_FLOOR)
         torch.mul(lp, LOG2E, out=p)
         p.exp2_()

@@ -1,0 +1,145 @@
+"""One global entropy coefficient, moved every step so measured entropy tracks the target.
+
+AER's idea (arXiv 2510.10959, abstract): "dynamic global coefficient
+adjustment". The update law is not public, so the rule is a parameter. With
+``e = (target - entropy) / target`` (relative error, dimensionless; entropies
+in nats):
+
+- ``"proportional"`` (default): ``alpha += lr * e``. An integral controller on
+  the relative error, so one ``lr`` serves models whose entropies differ
+  tenfold. This library's default.
+- ``"sign"``: ``alpha += lr * sign(target - entropy)``, the fixed-step rule of
+  Skywork-OR1 and TRL.
+- ``"log"``: ``log alpha += lr * e``, multiplicative like SAC's temperature
+  update; scale-free in alpha, so it needs ``initial > 0`` and ``min_value > 0``.
+
+After every update alpha is clipped to ``[min_value, max_value]``. Entropy
+below the target never lowers alpha and entropy above it never raises it (the
+updates are written so that floating-point rounding keeps this too).
+
+Defaults and where they come from (entropy coefficients used in practice for
+LLM RL lie between 1e-4 and 1e-2):
+
+- ``max_value = 1e-2``: the ceiling of AReaL's adaptive entropy coefficient
+  (clipped to [1e-5, 1e-2]); Skywork-OR1 caps at 5e-3, TRL at 1.
+- ``lr`` for ``"proportional"`` and ``"sign"``: 1e-4, Skywork-OR1's per-step
+  increment; the proportional rule takes that full step when entropy has
+  collapsed to 0 and proportionally smaller ones near the target.
+- ``lr`` for ``"log"``: 0.05, i.e. alpha changes by at most ~5% per step
+  (this library's choice; SAC's 3e-4 is an Adam learning rate, not comparable).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .distributed import as_count, as_scalar
+
+__all__ = ["GlobalCoefficientController", "COEF_RULES", "DEFAULT_LR", "DEFAULT_MAX_VALUE"]
+
+COEF_RULES = ("proportional", "sign", "log")
+DEFAULT_LR = {"proportional": 1e-4, "sign": 1e-4, "log": 0.05}
+DEFAULT_MAX_VALUE = 1e-2
+
+
+class GlobalCoefficientController:
+    """The global entropy coefficient alpha (dimensionless weight of the entropy bonus).
+
+    Args:
+        initial: alpha before the first update, within ``[min_value, max_value]``.
+        lr: step size, >= 0 (0 freezes alpha); None picks ``DEFAULT_LR[rule]``.
+        min_value, max_value: clip range, ``0 <= min_value <= max_value``.
+        rule: "proportional", "sign" or "log" (see the module docstring).
+
+    Attributes:
+        value: the current coefficient.
+    """
+
+    def __init__(
+        self,
+        initial: float = 0.0,
+        *,
+        lr: float | None = None,
+        min_value: float = 0.0,
+        max_value: float = DEFAULT_MAX_VALUE,
+        rule: str = "proportional",
+    ) -> None:
+        if not isinstance(rule, str):
+            raise TypeError(f"rule must be a str, got {type(rule).__name__}")
+        if rule not in COEF_RULES:
+            raise ValueError(f"rule must be one of {COEF_RULES}, got {rule!r}")
+        self.rule = rule
+        self.lr = DEFAULT_LR[rule] if lr is None else as_scalar(lr, "lr", low=0.0)
+        self.min_value = as_scalar(min_value, "min_value", low=0.0)
+        self.max_value = as_scalar(max_value, "max_value", low=0.0)
+        if self.min_value > self.max_value:
+            raise ValueError(f"min_value ({self.min_value}) must be <= max_value ({self.max_value})")
+        if rule == "log" and self.min_value <= 0.0:
+            raise ValueError("min_value must be > 0 for rule='log' (alpha moves multiplicatively)")
+        self.value = self._check_value(initial, "initial")
+        self.steps = 0
+        self.last_error: float | None = None
+
+    def _check_value(self, value: Any, name: str) -> float:
+        v = as_scalar(value, name)
+        if not self.min_value <= v <= self.max_value:
+            raise ValueError(f"{name} must lie in [min_value, max_value] = [{self.min_value}, {self.max_value}], got {v}")
+        return v
+
+    def update(self, entropy: float, target: float) -> float:
+        """One control step from this step's entropy and target (nats); returns the new alpha.
+
+        ``entropy`` (>= 0) should already be reduced across ranks
+        (:func:`entropy_reg.masked_mean`) so every rank computes the same alpha.
+        """
+        h = as_scalar(entropy, "entropy", low=0.0)
+        t = as_scalar(target, "target", low=0.0, low_inclusive=False)
+        err = (t - h) / t
+        alpha = self.value
+        if self.lr > 0.0:  # lr == 0 would make 0 * inf = NaN for a huge entropy/target ratio
+            if self.rule == "proportional":
+                alpha = alpha + self.lr * err
+            elif self.rule == "sign":
+                alpha = alpha + self.lr * float((err > 0) - (err < 0))
+            else:
+                # alpha * exp(.) rather than exp(log alpha + .): exp(x) >= 1 for x >= 0, so
+                # rounding can never move alpha against the error's sign.
+                alpha = alpha * math.exp(min(self.lr * err, 700.0))
+        self.value = min(max(alpha, self.min_value), self.max_value)
+        self.last_error = err
+        self.steps += 1
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state: ``{"value", "steps", "last_error"}``."""
+        return {"value": self.value, "steps": self.steps, "last_error": self.last_error}
+
+    def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = {"value", "steps", "last_error"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}")
+        last = state["last_error"]
+        return {
+            "value": self._check_value(state["value"], "state['value']"),
+            "steps": as_count(state["steps"], "state['steps']"),
+            "last_error": None if last is None else as_scalar(last, "state['last_error']"),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; validates everything before changing anything."""
+        self._apply(self._parse_state(state))
+
+    def _apply(self, parsed: dict[str, Any]) -> None:
+        self.value = parsed["value"]
+        self.steps = parsed["steps"]
+        self.last_error = parsed["last_error"]
+
+    def metrics(self, prefix: str = "aer/") -> dict[str, float]:
+        """``{prefix}coef`` and, after the first update, ``{prefix}rel_error`` = (target - H) / target."""
+        out = {f"{prefix}coef": self.value}
+        if self.last_error is not None:
+            out[f"{prefix}rel_error"] = self.last_error
+        return out

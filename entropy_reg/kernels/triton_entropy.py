@@ -1,0 +1,293 @@
+"""Triton kernels for per-token entropy and log-probs (the "triton" backend).
+
+Same interface as ``torch_chunked`` (see ``entropy_reg.kernels``). The forward
+reads each row of logits once, with an online max/rescale; the backward reads
+it once more and writes the gradient once (or over the logits, in place).
+
+Rows are read through two leading strides (``x[b, t, :]`` at ``b*stride_b +
+t*stride_t``, int64), so slices of a [B, T, V] tensor need no copy. When there
+are too few rows to fill the GPU, each row's vocabulary is split across
+programs and the partial sums are merged by a second, tiny kernel.
+
+Exponentials are in base 2, ``2^((x - m) log2(e) / T)``, so each is one ``exp2``
+instruction; entropies and log-probs are converted back to nats.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Globals read inside kernels must be tl.constexpr instances. (Keep a tensor on the left of any
+# arithmetic with them: the CPU interpreter mishandles `constexpr * tensor`.)
+LOG2E = tl.constexpr(1.0 / math.log(2.0))
+LN2 = tl.constexpr(math.log(2.0))
+# Row maxima start at -FLT_MAX (not -inf) so a block of only -inf entries never forms -inf - -inf.
+NEG_BIG = tl.constexpr(-3.4028234663852886e38)
+# Exponents are clamped here: 2**-1000 is exactly 0 in float32, so the clamp changes no value
+# but stops 0 * -inf from making NaN. The clamp is a NaN-propagating max (one max.NaN
+# instruction): a NaN logit must still turn its row's results into NaN.
+FLOOR = tl.constexpr(-1000.0)
+NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
+# Smallest vocabulary slice one program takes when rows are split; tests lower it to exercise splits.
+MIN_SPLIT = 8192
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:  # the CPU interpreter gains nothing from tuning and pays for every config
+        return [triton.Config({"BLOCK": 1024}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK": b}, num_warps=w)
+        for b, w in ((2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))
+    ]
+
+
+@triton.jit
+def _finish_row(m, s, u2, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS: tl.constexpr):
+    # From m = max x, s = sum 2^d, u2 = sum 2^d d with d = (x - m) log2(e) / T:
+    #   H = ln2 (log2 s - u2 / s)        lse = m / T + ln2 log2 s        log p_y = x_y / T - lse
+    # (lse keeps m / T as its own term so that the backward's x / T - lse is exact at the max.)
+    log2_s = tl.log2(s)
+    lse = m * inv_temp + log2_s * LN2
+    tl.store(ent_ptr + row, (log2_s - u2 / s) * LN2)
+    tl.store(lse_ptr + row, lse)
+    if HAS_LABELS:
+        # An id outside [0, V) gives NaN instead of a read out of bounds (checking on the host would sync).
+        x_y = tl.load(x_base + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32)
+        tl.store(logp_ptr + row, x_y * inv_temp - lse)
+
+
+@triton.jit
+def _row_base(x_ptr, row, T, stride_b, stride_t):
+    return x_ptr + (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.autotune(configs=_configs(), key=["V", "num_splits"])
+@triton.jit
+def _fwd_kernel(
+    x_ptr, labels_ptr, active_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr,
+    T, stride_b, stride_t, V, scale, inv_temp, num_splits,
+    HAS_ACTIVE: tl.constexpr, HAS_LABELS: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program: row `pid0`, vocabulary slice `pid1` of `num_splits`; scale = log2(e) / T.
+    # Online over blocks, with the running max m of the raw logits:
+    #   m' = max(m, max_block x)     delta = (m - m') scale     a = 2^delta     d_j = (x_j - m') scale
+    #   s' = a s + sum 2^d_j         u' = a (u + delta s) + sum 2^d_j d_j
+    # FINAL (one slice per row): write H, lse, log p_y; else write the partial (m, s, u) for _merge_kernel.
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    is_active = True
+    if HAS_ACTIVE:
+        is_active = tl.load(active_ptr + row) != 0
+    x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
+    if is_active:
+        chunk = tl.cdiv(tl.cdiv(V, num_splits), BLOCK) * BLOCK
+        start = split * chunk
+        end = tl.minimum(start + chunk, V)
+        offs = tl.arange(0, BLOCK)
+        m = tl.full([], NEG_BIG, tl.float32)
+        s = tl.zeros([], tl.float32)
+        u = tl.zeros([], tl.float32)
+        for k in range(start, end, BLOCK):
+            idx = k + offs
+            x = tl.load(x_base + idx, mask=idx < end, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            delta = tl.maximum((m - m_new) * scale, FLOOR, propagate_nan=NAN_ALL)
+            alpha = tl.exp2(delta)
+            # (x - m') first: exact in float32 near the max, where the mass is
+            d = tl.maximum((x - m_new) * scale, FLOOR, propagate_nan=NAN_ALL)
+            e = tl.exp2(d)
+            u = alpha * (u + delta * s) + tl.sum(e * d, 0)
+            s = alpha * s + tl.sum(e, 0)
+            m = m_new
+        if FINAL:
+            y = 0
+            if HAS_LABELS:
+                y = tl.load(labels_ptr + row)
+            _finish_row(m, s, u, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
+        else:
+            part = part_ptr + (row * num_splits + split) * 3
+            tl.store(part, m)
+            tl.store(part + 1, s)
+            tl.store(part + 2, u)
+    elif FINAL:
+        tl.store(ent_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if HAS_LABELS:
+            tl.store(logp_ptr + row, 0.0)
+
+
+@triton.jit
+def _merge_kernel(
+    x_ptr, labels_ptr, active_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr,
+    T, stride_b, stride_t, V, scale, inv_temp, num_splits,
+    HAS_ACTIVE: tl.constexpr, HAS_LABELS: tl.constexpr, SPLITS: tl.constexpr,
+):
+    # Merge the slices' (m_k, s_k, u_k) of one row: M = max m_k, delta_k = (m_k - M) scale,
+    #   s = sum 2^delta_k s_k,   u = sum 2^delta_k (u_k + delta_k s_k)
+    row = tl.program_id(0).to(tl.int64)
+    is_active = True
+    if HAS_ACTIVE:
+        is_active = tl.load(active_ptr + row) != 0
+    if is_active:
+        k = tl.arange(0, SPLITS)
+        part = part_ptr + (row * num_splits + k) * 3
+        valid = k < num_splits
+        m_k = tl.load(part, mask=valid, other=NEG_BIG)
+        s_k = tl.load(part + 1, mask=valid, other=0.0)
+        u_k = tl.load(part + 2, mask=valid, other=0.0)
+        m = tl.max(m_k, 0)
+        delta = tl.maximum((m_k - m) * scale, FLOOR, propagate_nan=NAN_ALL)
+        a = tl.exp2(delta)
+        s = tl.sum(a * s_k, 0)
+        u = tl.sum(a * (u_k + delta * s_k), 0)
+        y = 0
+        if HAS_LABELS:
+            y = tl.load(labels_ptr + row)
+        x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
+        _finish_row(m, s, u, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
+    else:
+        tl.store(ent_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if HAS_LABELS:
+            tl.store(logp_ptr + row, 0.0)
+
+
+@triton.jit
+def _bwd_body(
+    x_ptr, out_ptr, labels_ptr, active_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr,
+    T, stride_b, stride_t, out_stride_b, out_stride_t, V, inv_temp, num_splits,
+    HAS_ACTIVE: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Per element, with log p_j = x_j / T - lse and p_j = 2^(log p_j * log2 e):
+    #   dL/dx_j = (1/T) * ( -p_j * (g_H * (log p_j + H) + g_lp) + g_lp * 1[j = y] )
+    # One read of x, one write of the gradient (which may be x itself: each element is read before
+    # the same program overwrites it).
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    chunk = tl.cdiv(tl.cdiv(V, num_splits), BLOCK) * BLOCK
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    offs = tl.arange(0, BLOCK)
+    x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
+    o_base = _row_base(out_ptr, row, T, out_stride_b, out_stride_t)
+    is_active = True
+    if HAS_ACTIVE:
+        is_active = tl.load(active_ptr + row) != 0
+    if is_active:
+        lse = tl.load(lse_ptr + row)
+        gh = 0.0
+        if HAS_GH:
+            gh = tl.load(gh_ptr + row)
+        glp = 0.0
+        y = -1
+        if HAS_GLP:
+            glp = tl.load(glp_ptr + row)
+            y = tl.load(labels_ptr + row)
+        c0 = gh * tl.load(ent_ptr + row) + glp
+        for k in range(start, end, BLOCK):
+            idx = k + offs
+            inside = idx < end
+            x = tl.load(x_base + idx, mask=inside, other=0.0).to(tl.float32)
+            lp = x * inv_temp - lse
+            lp = tl.maximum(lp, FLOOR, propagate_nan=NAN_ALL)
+            p = tl.exp2(lp * LOG2E)
+            dz = -p * (gh * lp + c0)
+            dz = tl.where(idx == y, dz + glp, dz)
+            tl.store(o_base + idx, (dz * inv_temp).to(out_ptr.dtype.element_ty), mask=inside)
+    else:
+        zero = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+        for k in range(start, end, BLOCK):
+            idx = k + offs
+            tl.store(o_base + idx, zero, mask=idx < end)
+
+
+# Tuned per vocabulary size and row split (a proxy for "few rows" versus "many").
+_bwd_tuned = triton.autotune(configs=_configs(), key=["V", "num_splits"])(_bwd_body)
+
+
+def _num_splits(n: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary slices per row: enough programs to fill the GPU when rows are few."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    if n >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, max(n, 1)), triton.cdiv(vocab, MIN_SPLIT)))
+
+
+def forward(x3: Tensor, labels: Tensor | None, active: Tensor | None, inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
+    b, t, v = x3.shape
+    n = b * t
+    f32 = dict(device=x3.device, dtype=torch.float32)
+    logp = torch.empty(n if labels is not None else 0, **f32)
+    entropy = torch.empty(n, **f32)
+    lse = torch.empty(n, **f32)
+    if n == 0:
+        return logp, entropy, lse
+    splits = _num_splits(n, v, x3.device)
+    part = torch.empty((n, splits, 3) if splits > 1 else (0,), **f32)
+    flags = dict(HAS_ACTIVE=active is not None, HAS_LABELS=labels is not None)
+    ptrs = (
+        x3,
+        labels if labels is not None else lse,
+        active if active is not None else lse,
+        part,
+        logp if labels is not None else lse,
+        entropy,
+        lse,
+    )
+    _fwd_kernel[(n, splits)](
+        *ptrs, t, x3.stride(0), x3.stride(1), v, inv_temp * LOG2E.value, inv_temp, splits, FINAL=splits == 1, **flags
+    )
+    if splits > 1:
+        _merge_kernel[(n,)](
+            *ptrs, t, x3.stride(0), x3.stride(1), v, inv_temp * LOG2E.value, inv_temp, splits, SPLITS=triton.next_power_of_2(splits), **flags
+        )
+    return logp, entropy, lse
+
+
+def backward(
+    x3: Tensor,
+    labels: Tensor | None,
+    active: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    inv_temp: float,
+    out: Tensor,
+) -> None:
+    b, t, v = x3.shape
+    n = b * t
+    if n == 0:
+        return
+    has_glp = grad_logp is not None and labels is not None
+    args = (
+        x3,
+        out,
+        labels if has_glp else lse,
+        active if active is not None else lse,
+        lse,
+        entropy,
+        grad_logp.float().contiguous() if has_glp else lse,
+        grad_entropy.float().contiguous() if grad_entropy is not None else lse,
+        t, x3.stride(0), x3.stride(1), out.stride(0), out.stride(1), v, inv_temp,
+    )
+    splits = _num_splits(n, v, x3.device)
+    flags = dict(HAS_ACTIVE=active is not None, HAS_GLP=has_glp, HAS_GH=grad_entropy is not None)
+    if out.data_ptr() != x3.data_ptr():
+        _bwd_tuned[(n, splits)](*args, splits, **flags)
+        return
+    # In place: autotuning would run several configs over logits that the first run already
+    # overwrote, so reuse the out-of-place kernel's choice when it has made one.
+    cfg = getattr(_bwd_tuned, "best_config", None) or _configs()[min(1, len(_configs()) - 1)]
+    _bwd_body[(n, splits)](*args, splits, **flags, **cfg.kwargs, num_warps=cfg.num_warps)

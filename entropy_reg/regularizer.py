@@ -1,0 +1,211 @@
+"""Adaptive Entropy Regularization in one object: allocator, anchored target, global coefficient.
+
+The loss term for response ``i``, token ``t`` (AER, arXiv 2510.10959; the
+component forms are this library's defaults, see each module):
+
+    L_ent = - agg_{i,t}( alpha * w_i * H_it )
+
+``alpha`` is the global coefficient (:class:`GlobalCoefficientController`),
+``w_i`` the difficulty weight of response ``i``'s prompt
+(:class:`DifficultyAllocator`), ``H_it`` the token entropy in nats, and
+``agg`` one of verl's aggregation modes (:func:`aggregate`). Adding ``L_ent``
+to the policy loss maximizes the weighted entropy.
+
+Call order in a training step::
+
+    coefs = reg.coefficients(scores, group_ids)         # once per rollout batch, alpha of this step
+    for micro_batch in batch:                            # inside the loss function
+        H = token_entropy(logits, temperature=T)         # [B, T] nats, differentiable
+        loss = pg_loss + reg.loss(H, mask, coefs[idx], agg=mode)
+        loss.backward()
+    optimizer.step()
+    h = masked_mean(H_all.detach(), mask_all)            # token mean over all ranks
+    logger.log(reg.update(h))                            # once per optimizer step: target, then alpha
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .aggregation import aggregate
+from .controller import DEFAULT_MAX_VALUE, GlobalCoefficientController
+from .difficulty import DifficultyAllocator, GroupIds
+from .distributed import as_scalar
+from .target import AnchoredTarget
+
+__all__ = ["AERConfig", "AdaptiveEntropyRegularizer"]
+
+
+@dataclass(frozen=True)
+class AERConfig:
+    """Settings of :class:`AdaptiveEntropyRegularizer` (checked when the regularizer is built).
+
+    Difficulty (:class:`DifficultyAllocator`): ``difficulty_rule``,
+    ``difficulty_threshold``, ``success_threshold``, ``normalize_weights``.
+    Target (:class:`AnchoredTarget`): ``target_ratio``, ``warmup_steps``,
+    ``initial_entropy``, ``final_ratio``, ``schedule_steps``.
+    Coefficient (:class:`GlobalCoefficientController`): ``coef_rule``,
+    ``coef_init``, ``coef_lr`` (None: the rule's default), ``coef_min``, ``coef_max``.
+    """
+
+    difficulty_rule: str | Callable[[Tensor], Any] = "linear"
+    difficulty_threshold: float = 0.5
+    success_threshold: float = 0.5
+    normalize_weights: bool = True
+    target_ratio: float = 0.5
+    warmup_steps: int = 1
+    initial_entropy: float | None = None
+    final_ratio: float | None = None
+    schedule_steps: int = 0
+    coef_rule: str = "proportional"
+    coef_init: float = 0.0
+    coef_lr: float | None = None
+    coef_min: float = 0.0
+    coef_max: float = DEFAULT_MAX_VALUE
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python settings (a callable rule appears by its qualified name)."""
+        out = asdict(self)
+        if callable(self.difficulty_rule):
+            out["difficulty_rule"] = getattr(self.difficulty_rule, "__qualname__", repr(self.difficulty_rule))
+        return out
+
+
+class AdaptiveEntropyRegularizer:
+    """The three AER controllers behind one object (see the module docstring for the call order).
+
+    Attributes:
+        config: the :class:`AERConfig`.
+        allocator, target, controller: the components, usable on their own.
+        value: the current global coefficient alpha.
+    """
+
+    def __init__(self, config: AERConfig | None = None) -> None:
+        cfg = AERConfig() if config is None else config
+        if not isinstance(cfg, AERConfig):
+            raise TypeError(f"config must be an AERConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.allocator = DifficultyAllocator(
+            cfg.difficulty_rule,
+            threshold=cfg.difficulty_threshold,
+            success_threshold=cfg.success_threshold,
+            normalize=cfg.normalize_weights,
+        )
+        self.target = AnchoredTarget(
+            cfg.target_ratio,
+            warmup_steps=cfg.warmup_steps,
+            initial_entropy=cfg.initial_entropy,
+            final_ratio=cfg.final_ratio,
+            schedule_steps=cfg.schedule_steps,
+        )
+        self.controller = GlobalCoefficientController(
+            cfg.coef_init, lr=cfg.coef_lr, min_value=cfg.coef_min, max_value=cfg.coef_max, rule=cfg.coef_rule
+        )
+        self.last_entropy: float | None = None
+
+    @property
+    def value(self) -> float:
+        """The global coefficient alpha."""
+        return self.controller.value
+
+    def coefficients(self, scores: Tensor | Sequence[float], group_ids: GroupIds) -> Tensor:
+        """Per-response coefficients ``alpha * w_i``, ``[N]`` float32 on the scores' device."""
+        return self.allocator.alloc(scores, group_ids) * self.controller.value
+
+    def loss(
+        self,
+        entropy: Tensor,
+        mask: Tensor,
+        coefficients: Tensor | float,
+        agg: str = "token-mean",
+        **agg_kwargs: Any,
+    ) -> Tensor:
+        """The term to ADD to the policy loss: ``-aggregate(c_i * H_it, mask, agg)``.
+
+        Args:
+            entropy: ``[B, T]`` per-token entropy (nats), carrying gradients.
+            mask: ``[B, T]`` response mask (bool or 0/1).
+            coefficients: ``[B]`` from :meth:`coefficients` (rows of this micro-batch),
+                or one number for all rows. Treated as constants (detached).
+            agg: verl's ``loss_agg_mode``; ``agg_kwargs`` (``dp_size``,
+                ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``)
+                go to :func:`entropy_reg.aggregation.aggregate`, so the term is
+                normalized exactly like the policy loss it joins.
+        """
+        if not isinstance(entropy, Tensor):
+            raise TypeError(f"entropy must be a torch.Tensor, got {type(entropy).__name__}")
+        if entropy.dim() != 2:
+            raise ValueError(f"entropy must be [batch, tokens], got shape {tuple(entropy.shape)}")
+        if isinstance(coefficients, Tensor):
+            if coefficients.shape not in ((entropy.shape[0],), ()):
+                raise ValueError(
+                    f"coefficients must have shape ({entropy.shape[0]},) (one per row of entropy) or (), "
+                    f"got {tuple(coefficients.shape)}"
+                )
+            if coefficients.is_complex() or coefficients.dtype == torch.bool:
+                raise TypeError(f"coefficients must be real, got {coefficients.dtype}")
+            c = coefficients.detach().to(entropy.device)
+            c = c.unsqueeze(-1) if c.dim() == 1 else c
+        else:
+            c = as_scalar(coefficients, "coefficients")
+        return -aggregate(entropy * c, mask, agg, **agg_kwargs)
+
+    def update(self, entropy: float | Tensor, *, prefix: str = "aer/") -> dict[str, float]:
+        """Once per optimizer step: feed the step's mean token entropy (nats, reduced across
+        ranks with :func:`entropy_reg.masked_mean`) to the target, then the coefficient.
+
+        Returns :meth:`metrics`. While the target's anchor is still being measured,
+        alpha stays where it is. Bad input raises and changes nothing.
+        """
+        h = as_scalar(entropy, "entropy", low=0.0)
+        saved = self.target.state_dict()
+        try:
+            target = self.target.update(h)
+            if target is not None:
+                self.controller.update(h, target)
+        except Exception:
+            self.target._apply(saved)  # the controller validates before it changes anything
+            raise
+        self.last_entropy = h
+        return self.metrics(prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state of all three components, plus the last entropy fed in."""
+        return {
+            "allocator": self.allocator.state_dict(),
+            "target": self.target.state_dict(),
+            "controller": self.controller.state_dict(),
+            "last_entropy": self.last_entropy,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; every part is validated before any is applied."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = {"allocator", "target", "controller", "last_entropy"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}")
+        allocator = self.allocator._parse_state(state["allocator"])
+        target = self.target._parse_state(state["target"])
+        controller = self.controller._parse_state(state["controller"])
+        last = state["last_entropy"]
+        last = None if last is None else as_scalar(last, "state['last_entropy']", low=0.0)
+        self.allocator._apply(allocator)
+        self.target._apply(target)
+        self.controller._apply(controller)
+        self.last_entropy = last
+
+    def metrics(self, prefix: str = "aer/") -> dict[str, float]:
+        """All components' metrics, plus ``{prefix}entropy`` (the last value fed to :meth:`update`)."""
+        out: dict[str, float] = {}
+        out.update(self.allocator.metrics(prefix))
+        out.update(self.target.metrics(prefix))
+        out.update(self.controller.metrics(prefix))
+        if self.last_entropy is not None:
+            out[f"{prefix}entropy"] = self.last_entropy
+        return out

@@ -1,0 +1,24 @@
+"""Test set-up shared by every module.
+
+The Triton kernels run on the CPU through Triton's interpreter, which must be
+switched on before triton is imported; entropy_reg imports triton lazily, so
+setting it here is early enough.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", deadline=None, max_examples=30, derandomize=True)
+settings.load_profile("default")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,196 @@
+"""GlobalCoefficientController: formulas, bounds, direction, state, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entropy_reg.controller import DEFAULT_LR, DEFAULT_MAX_VALUE, GlobalCoefficientController
+
+SETTINGS = settings(max_examples=40, deadline=None)
+entropies = st.floats(min_value=0.0, max_value=20.0, allow_nan=False)
+targets = st.floats(min_value=1e-3, max_value=10.0, allow_nan=False)
+steps = st.lists(st.tuples(entropies, targets), min_size=1, max_size=40)
+
+
+def _make(rule: str, lr: float | None = None) -> GlobalCoefficientController:
+    if rule == "log":
+        return GlobalCoefficientController(1e-3, lr=lr, min_value=1e-5, max_value=1e-2, rule="log")
+    return GlobalCoefficientController(0.0, lr=lr, rule=rule)
+
+
+def test_defaults_are_llm_scale():
+    c = GlobalCoefficientController()
+    assert c.value == 0.0 and c.min_value == 0.0
+    assert c.max_value == DEFAULT_MAX_VALUE == 1e-2
+    assert c.lr == DEFAULT_LR["proportional"] == 1e-4
+    assert GlobalCoefficientController(rule="sign").lr == 1e-4
+
+
+def test_proportional_formula():
+    c = GlobalCoefficientController(2e-3, lr=1e-3, max_value=1.0)
+    # alpha += lr * (target - H) / target, by hand: 2e-3 + 1e-3 * (0.8 - 0.6) / 0.8 = 2.25e-3
+    assert c.update(0.6, 0.8) == pytest.approx(2.25e-3, rel=1e-12)
+    # 2.25e-3 + 1e-3 * (0.8 - 1.2) / 0.8 = 1.75e-3
+    assert c.update(1.2, 0.8) == pytest.approx(1.75e-3, rel=1e-12)
+    assert c.value == pytest.approx(1.75e-3, rel=1e-12)
+
+
+def test_sign_formula():
+    c = GlobalCoefficientController(5e-4, lr=1e-4, rule="sign")
+    assert c.update(0.1, 0.2) == pytest.approx(6e-4, rel=1e-12)
+    assert c.update(0.3, 0.2) == pytest.approx(5e-4, rel=1e-12)
+    assert c.update(0.2, 0.2) == pytest.approx(5e-4, rel=1e-12)  # on target: no move
+
+
+def test_log_formula():
+    c = GlobalCoefficientController(1e-3, lr=0.5, min_value=1e-6, max_value=1.0, rule="log")
+    # log alpha += 0.5 * (1 - 0.5) / 1  ->  alpha = 1e-3 * exp(0.25)
+    assert c.update(0.5, 1.0) == pytest.approx(1e-3 * math.exp(0.25), rel=1e-12)
+    assert c.update(3.0, 1.0) == pytest.approx(1e-3 * math.exp(0.25 - 1.0), rel=1e-12)
+
+
+def test_clipping_at_both_ends():
+    c = GlobalCoefficientController(0.0, lr=1.0, max_value=0.5)
+    assert c.update(0.0, 1.0) == 0.5  # 0 + 1 * 1 -> clipped to 0.5
+    assert c.update(10.0, 1.0) == 0.0  # 0.5 - 9 -> clipped to 0
+    c = GlobalCoefficientController(1e-3, lr=100.0, min_value=1e-4, max_value=1e-2, rule="log")
+    assert c.update(0.0, 1.0) == 1e-2
+    assert c.update(1e6, 1.0) == 1e-4
+
+
+def test_relative_error_makes_lr_scale_free():
+    # Same relative error at entropy scales 10x apart gives the same step.
+    a = GlobalCoefficientController(0.0, lr=1e-3).update(0.4, 0.5)
+    b = GlobalCoefficientController(0.0, lr=1e-3).update(4.0, 5.0)
+    assert a == pytest.approx(b, rel=1e-12) and a == pytest.approx(2e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["proportional", "sign", "log"])
+@SETTINGS
+@given(seq=steps, lr=st.one_of(st.none(), st.floats(min_value=0.0, max_value=10.0)))
+def test_bounds_and_direction(rule, seq, lr):
+    c = _make(rule, lr)
+    for h, t in seq:
+        before = c.value
+        after = c.update(h, t)
+        assert after == c.value
+        assert c.min_value <= after <= c.max_value
+        if h < t:
+            assert after >= before
+        elif h > t:
+            assert after <= before
+        else:
+            assert after == before
+
+
+@pytest.mark.parametrize("rule", ["proportional", "sign", "log"])
+def test_zero_lr_freezes_even_for_huge_error(rule):
+    c = _make(rule, 0.0)
+    v = c.value
+    c.update(1e300, 1e-300)
+    assert c.value == v
+
+
+@pytest.mark.parametrize("rule", ["proportional", "sign", "log"])
+@SETTINGS
+@given(seq=steps, cut=st.integers(min_value=0, max_value=40))
+def test_state_round_trip_is_bit_exact(rule, seq, cut):
+    cut = min(cut, len(seq))
+    ref = _make(rule)
+    ref_values = [ref.update(h, t) for h, t in seq]
+    first = _make(rule)
+    for h, t in seq[:cut]:
+        first.update(h, t)
+    resumed = _make(rule)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.state_dict() == first.state_dict()
+    assert [resumed.update(h, t) for h, t in seq[cut:]] == ref_values[cut:]
+    assert resumed.steps == len(seq)
+
+
+def test_accepts_0d_tensors():
+    c = GlobalCoefficientController(0.0, lr=1e-3)
+    assert c.update(torch.tensor(0.5), torch.tensor(1.0, dtype=torch.float64)) == pytest.approx(5e-4)
+
+
+def test_metrics():
+    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    assert c.metrics() == {"aer/coef": 1e-3}
+    c.update(0.75, 1.0)
+    m = c.metrics(prefix="x/")
+    assert m == {"x/coef": pytest.approx(1.25e-3), "x/rel_error": pytest.approx(0.25)}
+    assert all(isinstance(v, float) for v in m.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=-1e-4), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(min_value=1e-2, max_value=1e-3), "min_value"),
+        (dict(min_value=-1.0), "min_value"),
+        (dict(max_value=float("inf")), "max_value"),
+        (dict(initial=0.5), "initial"),
+        (dict(rule="pid"), "rule"),
+        (dict(rule="log", initial=1e-3), "min_value"),
+        (dict(rule="log", initial=0.0, min_value=0.0), "min_value"),
+    ],
+)
+def test_bad_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        GlobalCoefficientController(**kwargs)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError, match="rule"):
+        GlobalCoefficientController(rule=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lr"):
+        GlobalCoefficientController(lr="0.1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "entropy, target, name",
+    [
+        (float("nan"), 1.0, "entropy"),
+        (float("inf"), 1.0, "entropy"),
+        (-0.1, 1.0, "entropy"),
+        (0.5, 0.0, "target"),
+        (0.5, -1.0, "target"),
+        (0.5, float("nan"), "target"),
+        (torch.tensor([0.5, 0.6]), 1.0, "entropy"),
+        (True, 1.0, "entropy"),
+    ],
+)
+def test_bad_update_leaves_state(entropy, target, name):
+    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c.update(0.5, 1.0)
+    before = c.state_dict()
+    with pytest.raises((ValueError, TypeError), match=name):
+        c.update(entropy, target)
+    assert c.state_dict() == before
+
+
+@pytest.mark.parametrize(
+    "state, name",
+    [
+        ({"value": 0.5, "steps": 1, "last_error": None}, "value"),
+        ({"value": float("nan"), "steps": 1, "last_error": None}, "value"),
+        ({"value": 1e-3, "steps": -1, "last_error": None}, "steps"),
+        ({"value": 1e-3, "steps": 1.5, "last_error": None}, "steps"),
+        ({"value": 1e-3, "steps": 1, "last_error": float("inf")}, "last_error"),
+        ({"value": 1e-3, "steps": 1}, "last_error"),
+    ],
+)
+def test_bad_state_leaves_state(state, name):
+    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c.update(0.5, 1.0)
+    before = c.state_dict()
+    with pytest.raises((ValueError, TypeError), match=name):
+        c.load_state_dict(state)
+    assert c.state_dict() == before

@@ -1,0 +1,219 @@
+"""AdaptiveEntropyRegularizer: coefficients, loss and its gradient, update order, state, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entropy_reg.aggregation import AGG_MODES
+from entropy_reg.regularizer import AdaptiveEntropyRegularizer, AERConfig
+
+
+def _reg(**kw) -> AdaptiveEntropyRegularizer:
+    return AdaptiveEntropyRegularizer(AERConfig(**kw))
+
+
+def test_coefficients_are_alpha_times_weights():
+    reg = _reg(coef_init=2e-3)
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    ids = np.array(["a", "a", "b", "b", "c", "c"], dtype=object)
+    # accuracies 0.5, 0, 1 -> linear weights 0.5, 1, 0 -> mean 0.5 -> normalized 1, 2, 0
+    want = 2e-3 * torch.tensor([1.0, 1.0, 2.0, 2.0, 0.0, 0.0])
+    torch.testing.assert_close(reg.coefficients(scores, ids), want)
+    assert reg.value == 2e-3
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_loss_value_and_gradient(agg):
+    g = torch.Generator().manual_seed(3)
+    ent = (torch.rand(3, 4, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    c = torch.tensor([1e-3, 0.0, 4e-3], dtype=torch.float64)
+    loss = AdaptiveEntropyRegularizer().loss(ent, mask, c, agg=agg)
+    # float64 reference from the formulas: minus the aggregate of c_i * H_it
+    e, m = ent.detach().numpy(), mask.numpy()
+    n_i = m.sum(1)
+    seq_sum = np.array([(c[i].item() * e[i] * m[i]).sum() for i in range(3)])
+    ref = {
+        "token-mean": seq_sum.sum() / m.sum(),
+        "seq-mean-token-sum": seq_sum.mean(),
+        "seq-mean-token-mean": (seq_sum / n_i).mean(),
+        "seq-mean-token-sum-norm": seq_sum.mean() / 4,
+    }[agg]
+    assert loss.item() == pytest.approx(-ref, rel=1e-12)
+    loss.backward()
+    row_scale = {
+        "token-mean": np.full(3, 1 / m.sum()),
+        "seq-mean-token-sum": np.full(3, 1 / 3),
+        "seq-mean-token-mean": 1 / (3 * n_i),
+        "seq-mean-token-sum-norm": np.full(3, 1 / 12),
+    }[agg]
+    want = -(c.numpy() * row_scale)[:, None] * m
+    np.testing.assert_allclose(ent.grad.numpy(), want, rtol=1e-12, atol=0)
+
+
+def test_loss_scalar_coefficient_and_agg_kwargs():
+    ent = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    reg = AdaptiveEntropyRegularizer()
+    assert reg.loss(ent, mask, 0.5).item() == pytest.approx(-0.5 * 2.5)
+    got = reg.loss(ent, mask, 0.5, agg="token-mean", dp_size=2, batch_num_tokens=8)
+    assert got.item() == pytest.approx(-0.5 * 10 / 8 * 2)
+
+
+def test_loss_does_not_differentiate_through_coefficients():
+    c = torch.tensor([1.0, 2.0], requires_grad=True)
+    ent = torch.ones(2, 3, requires_grad=True)
+    AdaptiveEntropyRegularizer().loss(ent, torch.ones(2, 3), c).backward()
+    assert c.grad is None and ent.grad is not None
+
+
+def test_update_order_warmup_then_control():
+    reg = _reg(target_ratio=0.5, warmup_steps=2, coef_lr=1e-3)
+    m = reg.update(2.0)
+    assert reg.value == 0.0 and m["aer/warmup_remaining"] == 1.0 and m["aer/entropy"] == 2.0
+    m = reg.update(torch.tensor(1.0))  # anchor 1.5, target 0.75, H above target: alpha stays at 0
+    assert reg.value == 0.0 and m["aer/target"] == pytest.approx(0.75)
+    m = reg.update(0.5)  # alpha = 0 + 1e-3 * (0.75 - 0.5) / 0.75
+    assert reg.value == pytest.approx(1e-3 / 3, rel=1e-12)
+    assert m["aer/coef"] == reg.value and m["aer/rel_error"] == pytest.approx(1 / 3)
+    assert all(isinstance(v, float) for v in m.values())
+    assert set(reg.update(0.5, prefix="x/")) >= {"x/coef", "x/target", "x/anchor", "x/entropy"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seq=st.lists(st.floats(min_value=0.01, max_value=5.0), min_size=1, max_size=25),
+    cut=st.integers(min_value=0, max_value=25),
+    rule=st.sampled_from(["proportional", "sign", "log"]),
+)
+def test_resume_is_bit_exact(seq, cut, rule):
+    cut = min(cut, len(seq))
+    kw = dict(coef_rule=rule, warmup_steps=2, final_ratio=0.3, schedule_steps=6)
+    if rule == "log":
+        kw.update(coef_init=1e-3, coef_min=1e-5)
+    scores, ids = torch.tensor([1.0, 0.0, 0.0, 0.0]), [0, 0, 1, 1]
+
+    ref = _reg(**kw)
+    want = []
+    for h in seq:
+        ref.coefficients(scores, ids)
+        want.append(ref.update(h))
+    run = _reg(**kw)
+    for h in seq[:cut]:
+        run.coefficients(scores, ids)
+        run.update(h)
+    resumed = _reg(**kw)
+    resumed.load_state_dict(json.loads(json.dumps(run.state_dict())))
+    assert resumed.metrics() == run.metrics()
+    got = []
+    for h in seq[cut:]:
+        resumed.coefficients(scores, ids)
+        got.append(resumed.update(h))
+    assert got == want[cut:]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, torch.ones(3), "x"])
+def test_bad_update_changes_nothing(bad):
+    reg = _reg(warmup_steps=2)
+    reg.update(1.0)
+    before = reg.state_dict()
+    with pytest.raises((ValueError, TypeError), match="entropy"):
+        reg.update(bad)
+    assert reg.state_dict() == before
+
+
+def test_update_is_atomic_when_controller_rejects():
+    # A subnormal anchor times the ratio rounds to a target of 0: the target has already
+    # accepted the value when the controller refuses it, so the regularizer must roll back.
+    reg = _reg(initial_entropy=5e-324, target_ratio=0.4)
+    before = reg.state_dict()
+    with pytest.raises(ValueError, match="target"):
+        reg.update(1.0)
+    assert reg.state_dict() == before
+
+
+def test_bad_state_changes_nothing():
+    reg = _reg()
+    reg.coefficients(torch.tensor([1.0, 0.0]), [0, 0])
+    reg.update(1.0)
+    before = reg.state_dict()
+    good = json.loads(json.dumps(before))
+    for part, key, value in [
+        ("controller", "value", 1.0),  # above coef_max: the last part checked
+        ("target", "anchor", -1.0),
+        ("allocator", "stats", 4),
+    ]:
+        bad = json.loads(json.dumps(good))
+        bad[part][key] = value
+        with pytest.raises((ValueError, TypeError)):
+            reg.load_state_dict(bad)
+        assert reg.state_dict() == before
+    with pytest.raises(ValueError, match="last_entropy"):
+        reg.load_state_dict({**good, "last_entropy": float("nan")})
+    with pytest.raises(ValueError, match="missing"):
+        reg.load_state_dict({"target": good["target"]})
+    assert reg.state_dict() == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(target_ratio=0.0), "ratio"),
+        (dict(warmup_steps=0), "warmup_steps"),
+        (dict(coef_rule="pid"), "rule"),
+        (dict(coef_min=1.0, coef_max=0.1), "min_value"),
+        (dict(coef_lr=-1.0), "lr"),
+        (dict(difficulty_rule="cubic"), "rule"),
+        (dict(success_threshold=float("nan")), "success_threshold"),
+    ],
+)
+def test_bad_config(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        _reg(**kwargs)
+
+
+def test_bad_loss_inputs():
+    reg = AdaptiveEntropyRegularizer()
+    ent, mask = torch.ones(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="coefficients"):
+        reg.loss(ent, mask, torch.ones(3))
+    with pytest.raises(ValueError, match="entropy"):
+        reg.loss(torch.ones(6), torch.ones(6), 1.0)
+    with pytest.raises(ValueError, match="coefficients"):
+        reg.loss(ent, mask, float("nan"))
+    with pytest.raises(ValueError, match="mode"):
+        reg.loss(ent, mask, 1.0, agg="sum")
+    with pytest.raises(TypeError, match="config"):
+        AdaptiveEntropyRegularizer({"target_ratio": 0.5})  # type: ignore[arg-type]
+
+
+def test_config_to_dict_is_json_safe():
+    cfg = AERConfig(difficulty_rule=lambda acc: 1 - acc)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["target_ratio"] == 0.5 and "lambda" in d["difficulty_rule"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_end_to_end():
+    from entropy_reg.distributed import masked_mean
+
+    reg = _reg(coef_init=1e-3)
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0], device="cuda")
+    coefs = reg.coefficients(scores, np.array(["a", "a", "b", "b"], dtype=object))
+    assert coefs.device.type == "cuda"
+    ent = torch.rand(4, 5, device="cuda", requires_grad=True)
+    mask = torch.rand(4, 5, device="cuda") < 0.7
+    mask[:, 0] = True
+    loss = reg.loss(ent, mask, coefs, agg="token-mean", dp_size=1, batch_num_tokens=torch.tensor(float(mask.sum())))
+    loss.backward()
+    want = -(coefs.cpu()[:, None] * ent.detach().cpu() * mask.cpu()).sum() / mask.sum().cpu()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    h = masked_mean(ent.detach(), mask)
+    assert h.device.type == "cuda"
+    reg.update(h)
