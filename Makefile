@@ -1,29 +1,44 @@
-# Set-up and the project's commands. Everything installs into .venv.
+# Set-up and the project's commands. Everything installs into .venv (created if missing).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-comma := ,
-EXTRAS ?= test,demo
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+TEST_EXTRAS := test,demo,verl,trl
+DEMO_EXTRAS := demo
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench bench-gpu clean
 
-$(STAMP): pyproject.toml constraints/dev.txt
+# $(1): the extras to install, with the tested versions of constraints/dev.txt.
+define install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints/dev.txt -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -q -c constraints/dev.txt -e '.[$(1)]'
+	touch $@
+endef
+
+$(VENV)/.installed-test: pyproject.toml constraints/dev.txt
+	$(call install,$(TEST_EXTRAS))
+
+$(VENV)/.installed-demo: pyproject.toml constraints/dev.txt
+	$(call install,$(DEMO_EXTRAS))
+
+# OpenRLHF does not install without CUDA; its tests load one module from the wheel itself.
+OPENRLHF_WHEEL := .cache/openrlhf/.stamp
+$(OPENRLHF_WHEEL): | $(VENV)/.installed-test
+	$(BIN)/python -m pip download -q --no-deps openrlhf==0.11.2 -d .cache/openrlhf
 	touch $@
 
-install: $(STAMP)
+test: $(VENV)/.installed-test $(OPENRLHF_WHEEL)
+	$(BIN)/python -m pytest -q $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
-
-demo: $(STAMP)
+demo: $(VENV)/.installed-demo
 	$(BIN)/python -m entropy_reg.demo $(ARGS)
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-demo
 	$(BIN)/python benchmarks/bench_cpu.py $(ARGS)
 
+# On a CUDA machine whose python has torch and triton (no venv: it uses the machine's torch).
+bench-gpu:
+	$(PYTHON) benchmarks/bench_gpu.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .cache build dist *.egg-info .pytest_cache .hypothesis

@@ -222,6 +222,28 @@ def check_large(n: int, v: int, gen) -> dict[str, Any]:
     return res
 
 
+def check_label_out_of_range() -> dict[str, Any]:
+    """On CUDA the kernel answers an id outside [0, V) with NaN (no host sync), never a stray read."""
+    x = torch.randn(4, 1000, device=DEV)
+    labels = torch.tensor([3, 1000, -7, 999], device=DEV)
+    lp, h = er.token_logprobs_and_entropy(x, labels, backend="triton") if CUDA else (None, None)
+    if lp is None:
+        return {"check": "label out of range gives NaN", "ok": True, "note": "CUDA only"}
+    ok = bool(torch.isnan(lp[1:3]).all() and torch.isfinite(lp[[0, 3]]).all() and torch.isfinite(h).all())
+    return {"check": "label out of range gives NaN", "ok": ok}
+
+
+def autotune_choices() -> dict[str, str]:
+    """The configs the autotuner picked, per (V, num_splits, dtypes) key."""
+    from entropy_reg.kernels import triton_entropy as te
+
+    out = {}
+    for name, kernel in (("forward", te._fwd_kernel), ("backward", te._bwd_tuned)):
+        for key, cfg in getattr(kernel, "cache", {}).items():
+            out[f"{name} {key}"] = str(cfg)
+    return out
+
+
 def check_compile() -> dict[str, Any]:
     x = torch.randn(64, 1000, device=DEV, requires_grad=True)
     y = torch.randint(0, 1000, (64,), device=DEV)
@@ -292,6 +314,7 @@ def time_case(n: int, v: int, dtype: torch.dtype, quick: bool, budget: Budget, c
                     row[name + "_peak_extra"] = peak_extra(fn)
             else:
                 row[name + "_ms"] = bench(fn, quick)
+                xg.grad = xi.grad = None  # measure a backward that allocates its gradient
                 row[name + "_peak_extra"] = peak_extra(fn)
         except torch.OutOfMemoryError:
             row[name + "_ms"] = None
@@ -391,6 +414,9 @@ def main() -> None:
         r = check_large(16384, 151936, gen)
         result["checks"].append(r)
         print(json.dumps(r), flush=True)
+    r = check_label_out_of_range()
+    result["checks"].append(r)
+    print(json.dumps(r), flush=True)
     try:
         r = check_compile()
     except Exception as exc:  # report, do not stop the run
@@ -413,6 +439,8 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("N", "V", "dtype")} | row["summary"]), flush=True)
             save()
 
+    result["autotune"] = autotune_choices()
+    save()
     if not args.no_linear and CUDA and budget.left() > 60:
         try:
             from benchmarks import bench_linear

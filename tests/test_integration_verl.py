@@ -1,0 +1,358 @@
+"""AER in verl: against the real ``verl`` package (ppo_loss, agg_loss, DataProto, GRPO), on the CPU.
+
+References are float64 and written from the formulas: the entropy of response
+token t of sample i is the entropy of the logits row that predicts it (row
+``prompt_len_i - 1 + t`` of that sample's packed sequence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="install the extra: pip install 'entropy-reg[verl]'")
+
+from omegaconf import OmegaConf  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+
+from entropy_reg.integrations import STATE_FILE  # noqa: E402
+from entropy_reg.integrations.verl import (  # noqa: E402
+    COEF_KEY,
+    AERTrainerMixin,
+    VerlAER,
+    aer_ppo_loss,
+    make_loss_fn,
+)
+from entropy_reg.regularizer import AERConfig  # noqa: E402
+
+V = 13  # vocabulary
+P, R = 4, 6  # padded prompt and response lengths
+PROMPT_LENS = [4, 2, 3, 4, 1, 4]
+RESP_LENS = [6, 3, 1, 5, 6, 2]
+B = len(PROMPT_LENS)
+MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def entropy64(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) z, float64, per row (nats)."""
+    z = logits.double()
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+
+
+def actor_config(mode: str, **kw) -> ActorConfig:
+    return ActorConfig(
+        strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=2,
+        loss_agg_mode=mode, **kw,
+    )
+
+
+def make_inputs(padding: str, seed: int = 0, rows: list[int] | None = None):
+    """verl's worker inputs for samples ``rows``: (data TensorDict, per-sample logits, coef, mask).
+
+    padding="dense": prompts/responses/attention_mask padded (left_right_2_no_padding of a DataProto,
+    the RayPPOTrainer path); "nested": prompts/responses/response_mask as jagged tensors (the
+    TransferQueue trainer path).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = list(range(B)) if rows is None else rows
+    plen = [PROMPT_LENS[i] for i in rows]
+    rlen = [RESP_LENS[i] for i in rows]
+    n = len(rows)
+    all_logits = [torch.randn(PROMPT_LENS[i] + RESP_LENS[i], V, generator=g) * 2 for i in range(B)]
+    all_coef = torch.rand(B, generator=g) * 0.01
+    logits = [all_logits[i].clone().requires_grad_(True) for i in rows]
+    coef = all_coef[rows]
+    resp_mask = torch.zeros(n, R, dtype=torch.long)
+    for k, r in enumerate(rlen):
+        resp_mask[k, :r] = 1
+    old = torch.randn(n, R, generator=g)
+    adv = torch.randn(n, R, generator=g)
+    if padding == "dense":
+        prompts = torch.zeros(n, P, dtype=torch.long)
+        attn = torch.zeros(n, P + R, dtype=torch.long)
+        responses = torch.zeros(n, R, dtype=torch.long)
+        for k, (p, r) in enumerate(zip(plen, rlen)):
+            prompts[k, P - p:] = torch.randint(1, V, (p,), generator=g)
+            responses[k, :r] = torch.randint(1, V, (r,), generator=g)
+            attn[k, P - p:P + r] = 1
+        pos = torch.clamp(attn.cumsum(-1) - 1, min=0)
+        batch = DataProto.from_single_dict({
+            "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attn, "position_ids": pos, "response_mask": resp_mask,
+            "old_log_probs": old, "advantages": adv, COEF_KEY: coef,
+        })
+        data = left_right_2_no_padding(batch.to_tensordict())
+        offsets = data["input_ids"].offsets()
+    else:
+        def jag(ts):
+            return torch.nested.as_nested_tensor(ts, layout=torch.jagged)
+
+        prompts = jag([torch.randint(1, V, (p,), generator=g) for p in plen])
+        responses = jag([torch.randint(1, V, (r,), generator=g) for r in rlen])
+        input_ids = jag([torch.cat([a, b]) for a, b in zip(prompts.unbind(), responses.unbind())])
+        data = tu.get_tensordict({
+            "prompts": prompts, "responses": responses, "input_ids": input_ids,
+            "response_mask": jag([torch.ones(r, dtype=torch.long) for r in rlen]),
+            "old_log_probs": jag([old[k, :r] for k, r in enumerate(rlen)]),
+            "advantages": jag([adv[k, :r] for k, r in enumerate(rlen)]),
+            COEF_KEY: coef,
+        })
+        offsets = input_ids.offsets()
+    return data, logits, coef, resp_mask.bool(), offsets
+
+
+def model_output(logits: list[torch.Tensor], offsets: torch.Tensor) -> dict:
+    """What verl's engine returns: log_probs and entropy as jagged tensors over prompt + response."""
+    flat = torch.cat(logits)
+    labels = torch.randint(0, V, (flat.shape[0],), generator=torch.Generator().manual_seed(7))
+    logp = torch.log_softmax(flat.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    ent = entropy64(flat).float()
+    return {
+        "log_probs": torch.nested.nested_tensor_from_jagged(logp, offsets),
+        "entropy": torch.nested.nested_tensor_from_jagged(ent, offsets),
+    }
+
+
+def reference_term(mode, logits, coef, mask, rows, *, dp=1, tokens=None, seqs=None, scale=None):
+    """-agg(c_i H_it) in float64, from the formulas of each loss_agg_mode."""
+    h = torch.zeros(len(rows), R, dtype=torch.float64)
+    for k, i in enumerate(rows):
+        p, r = PROMPT_LENS[i], RESP_LENS[i]
+        h[k, :r] = entropy64(logits[k][p - 1:p - 1 + r])
+    x = coef.double()[:, None] * h * mask
+    n_i = mask.sum(-1).double()
+    tokens = mask.sum() if tokens is None else tokens
+    seqs = (n_i > 0).sum() if seqs is None else seqs
+    if mode == "token-mean":
+        agg = x.sum() / tokens * dp
+    elif mode == "token-sum":
+        agg = x.sum() * dp
+    elif mode == "seq-mean-token-mean":
+        agg = (x.sum(-1) / n_i).sum() / seqs * dp
+    else:
+        agg = x.sum() / seqs * dp
+        if mode == "seq-mean-token-sum-norm":
+            agg = agg / (R if scale is None else scale)
+    return -agg
+
+
+def set_global(data, *, dp, tokens, seqs):
+    tu.assign_non_tensor(data, dp_size=dp, batch_num_tokens=tokens, global_batch_size=seqs)
+
+
+@pytest.mark.parametrize("padding", ["dense", "nested"])
+@pytest.mark.parametrize("mode", MODES)
+def test_aer_term_equals_reference_and_reaches_logits(padding, mode):
+    rows = list(range(B))
+    data, logits, coef, mask, offsets = make_inputs(padding)
+    set_global(data, dp=1, tokens=None, seqs=None)
+    cfg = actor_config(mode, loss_scale_factor=None)
+    out = model_output(logits, offsets)
+    total, metrics = aer_ppo_loss(cfg, out, data)
+    base, _ = ppo_loss(cfg, model_output(logits, offsets), data)
+    term = total - base
+    ref = reference_term(mode, [l.detach() for l in logits], coef, mask, rows)
+    assert term.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-9)
+    assert metrics["actor/aer/bonus"].aggregate() == pytest.approx(-ref.item(), rel=1e-5, abs=1e-9)
+    # The gradient of the AER term reaches every logits row it reads, as the float64 reference's does.
+    (g,) = torch.autograd.grad(term, logits[0], retain_graph=True)
+    leaf = logits[0].detach().double().requires_grad_(True)
+    ref_lg = [leaf] + [l.detach() for l in logits[1:]]
+    (g_ref,) = torch.autograd.grad(reference_term(mode, ref_lg, coef, mask, rows), leaf)
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_average_to_the_full_batch(mode):
+    """With dp_size=2 and verl's global counts, the mean of the ranks' terms (what gradient
+    averaging sees) is the single-process term over the whole batch: token-mean stays exact."""
+    halves = [[0, 4], [1, 2, 3, 5]]  # uneven, as dynamic batching makes them
+    _, all_logits, all_coef, all_mask, _ = make_inputs("dense")
+    full = reference_term(mode, [l.detach() for l in all_logits], all_coef, all_mask, list(range(B)), scale=R)
+    tokens = float(sum(RESP_LENS))
+    ranks = []
+    for rows in halves:
+        data, logits, coef, mask, offsets = make_inputs("dense", rows=rows)
+        set_global(data, dp=2, tokens=tokens, seqs=B)
+        cfg = actor_config(mode, loss_scale_factor=R)
+        total, _ = aer_ppo_loss(cfg, model_output(logits, offsets), data)
+        base, _ = ppo_loss(cfg, model_output(logits, offsets), data)
+        ranks.append((total - base).item())
+    assert sum(ranks) / 2 == pytest.approx(full.item(), rel=1e-5, abs=1e-9)
+
+
+def grpo_batch(seed: int = 0):
+    """A DataProto after rewards: 4 prompts x 4 responses, 0/1 score on the last response token."""
+    g = torch.Generator().manual_seed(seed)
+    uids = np.array([f"prompt-{k}" for k in (3, 0, 2, 1) for _ in range(4)], dtype=object)
+    solved = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 1], dtype=torch.float32)
+    n, t = len(uids), 5
+    lens = torch.randint(1, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None, :] < lens[:, None]).long()
+    scores = torch.zeros(n, t)
+    scores[torch.arange(n), lens - 1] = solved
+    perm = torch.randperm(n, generator=g)  # responses of a prompt need not be adjacent
+    batch = DataProto.from_single_dict({"token_level_scores": scores[perm], "response_mask": mask[perm]})
+    batch.non_tensor_batch["uid"] = uids[perm.numpy()]
+    return batch
+
+
+def test_coefficients_follow_grpo_groups():
+    batch = grpo_batch()
+    aer = VerlAER(AERConfig(coef_init=0.004))
+    metrics = aer.attach(batch)
+    coef = batch.batch[COEF_KEY].double()
+    # Group accuracy recovered from verl's own GRPO advantages (no std normalization): adv = score - group mean.
+    adv, _ = compute_grpo_outcome_advantage(
+        token_level_rewards=batch.batch["token_level_scores"], response_mask=batch.batch["response_mask"],
+        index=batch.non_tensor_batch["uid"], norm_adv_by_std_in_grpo=False,
+    )
+    score = batch.batch["token_level_scores"].sum(-1).double()
+    acc = score - adv[:, 0].double()
+    w = 1.0 - acc  # the "linear" rule, normalized to mean 1 over the responses
+    expected = 0.004 * w * len(w) / w.sum()
+    torch.testing.assert_close(coef, expected, rtol=1e-6, atol=1e-9)
+    assert metrics["actor/aer/coef"] == pytest.approx(0.004)
+    assert metrics["actor/aer/difficulty/solved_groups"] == pytest.approx(0.25)
+    assert metrics["actor/aer/coef_mean"] == pytest.approx(0.004, rel=1e-6)
+    # The key survives verl's conversion to the workers' TensorDict, sample for sample.
+    td = left_right_2_no_padding(_with_sequences(batch).to_tensordict())
+    torch.testing.assert_close(td[COEF_KEY], batch.batch[COEF_KEY])
+
+
+def _with_sequences(batch: DataProto) -> DataProto:
+    n, t = batch.batch["response_mask"].shape
+    batch.batch["input_ids"] = torch.ones(n, 2 + t, dtype=torch.long)
+    batch.batch["attention_mask"] = torch.cat([torch.ones(n, 2, dtype=torch.long), batch.batch["response_mask"]], 1)
+    batch.batch["position_ids"] = torch.arange(2 + t).expand(n, -1).clone()
+    return batch
+
+
+def test_update_moves_coefficient_toward_target():
+    aer = VerlAER(AERConfig(coef_init=0.001, target_ratio=0.5))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    high = torch.tensor([[2.0, 2.0, 99.0], [2.0, 2.0, 2.0]])  # padding (99) must not count
+    m1 = aer.update(high, mask)
+    assert m1["actor/aer/anchor"] == pytest.approx(2.0)
+    low = torch.full((2, 3), 0.2)
+    m2 = aer.update(low, mask)
+    assert m2["actor/aer/coef"] > m1["actor/aer/coef"]  # 0.2 nats is below the 1.0 target: more bonus
+    assert m2["actor/aer/entropy"] == pytest.approx(0.2, rel=1e-6)
+
+
+def test_checkpoint_beside_global_step(tmp_path):
+    aer = VerlAER(AERConfig(coef_init=0.001))
+    mask = torch.ones(2, 3)
+    aer.update(torch.full((2, 3), 1.5), mask)
+    aer.update(torch.full((2, 3), 0.4), mask)
+    folder = tmp_path / "global_step_2"
+    path = aer.save(folder)
+    assert path == str(folder / STATE_FILE)
+    resumed = VerlAER(AERConfig(coef_init=0.001))
+    assert resumed.load(folder)
+    assert resumed.regularizer.state_dict() == aer.regularizer.state_dict()
+    nxt = torch.full((2, 3), 0.5)
+    assert resumed.update(nxt, mask) == aer.update(nxt, mask)
+    assert VerlAER().load(tmp_path / "global_step_9", missing_ok=True) is False
+    with pytest.raises(FileNotFoundError):
+        VerlAER().load(tmp_path / "global_step_9")
+
+
+def test_loss_fn_refuses_double_bonus_and_missing_inputs():
+    with pytest.raises(ValueError, match="entropy_coeff"):
+        make_loss_fn(actor_config("token-mean", entropy_coeff=0.001))
+    fn = make_loss_fn(actor_config("token-mean"))
+    data, logits, _, _, offsets = make_inputs("dense")
+    set_global(data, dp=1, tokens=None, seqs=None)
+    out = model_output(logits, offsets)
+    no_entropy = {"log_probs": out["log_probs"]}
+    with pytest.raises(ValueError, match="calculate_entropy"):
+        fn(model_output=no_entropy, data=data)
+    with pytest.raises(KeyError, match=COEF_KEY):
+        fn(model_output=out, data=data.exclude(COEF_KEY))
+    with pytest.raises(KeyError, match="uid"):
+        VerlAER().attach(DataProto.from_single_dict({"token_level_scores": torch.ones(2, 3)}))
+
+
+class _StubTrainer:
+    """The five RayPPOTrainer methods the mixin extends, with verl's return types."""
+
+    def __init__(self, config):
+        self.config = config
+        self.global_steps = 0
+        self.loss_fns = []
+        self.seen_coef = None
+
+    def init_workers(self):
+        test = self
+
+        class _WG:
+            def set_loss_fn(self, fn):
+                test.loss_fns.append(fn)
+
+        self.actor_rollout_wg = _WG()
+
+    def _compute_old_log_prob(self, batch):
+        ent = torch.full(batch.batch["response_mask"].shape, 0.3)
+        return DataProto.from_single_dict({"old_log_probs": torch.zeros_like(ent), "entropys": ent}), 0.5
+
+    def _update_actor(self, batch):
+        self.seen_coef = batch.batch[COEF_KEY].clone()
+        return DataProto.from_single_dict(data={}, meta_info={"metrics": {"actor/pg_loss": 0.1}})
+
+    def _save_checkpoint(self):
+        pass
+
+    def _load_checkpoint(self):
+        self.global_steps = 2 if self.config.trainer.resume_mode == "auto" else 0
+        return self.global_steps
+
+
+class _Trainer(AERTrainerMixin, _StubTrainer):
+    pass
+
+
+def test_trainer_mixin_wires_update_attach_metrics_and_checkpoint(tmp_path):
+    cfg = OmegaConf.create({
+        "trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto"},
+        "actor_rollout_ref": {"actor": {"_target_": "verl.workers.config.ActorConfig", "strategy": "fsdp",
+                                        "ppo_mini_batch_size": 4, "ppo_micro_batch_size_per_gpu": 2,
+                                        "rollout_n": 2, "entropy_coeff": 0.0, "calculate_entropy": True}},
+    })
+    trainer = _Trainer(cfg, aer=AERConfig(initial_entropy=1.0, coef_init=0.001))
+    trainer.init_workers()
+    assert trainer.loss_fns and trainer.loss_fns[0].func is aer_ppo_loss
+    batch = grpo_batch()
+    trainer._compute_old_log_prob(batch)
+    out = trainer._update_actor(batch)
+    metrics = out.meta_info["metrics"]
+    assert metrics["actor/pg_loss"] == 0.1 and metrics["actor/aer/entropy"] == pytest.approx(0.3)
+    alpha = metrics["actor/aer/coef"]
+    assert alpha > 0.001  # entropy 0.3 < target 0.5: the coefficient rose
+    assert trainer.seen_coef.mean().item() == pytest.approx(alpha, rel=1e-5)
+    trainer.global_steps = 2
+    trainer._save_checkpoint()
+    assert (tmp_path / "global_step_2" / STATE_FILE).exists()
+    resumed = _Trainer(cfg, aer=AERConfig(initial_entropy=1.0, coef_init=0.001))
+    resumed._load_checkpoint()
+    assert resumed.aer.regularizer.value == alpha
+    assert math.isfinite(alpha)
+
+
+def test_trainer_mixin_reads_aer_section_of_the_config(tmp_path):
+    cfg = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "disable"},
+                            "aer": {"target_ratio": 0.25, "coef_rule": "sign"}})
+    trainer = _Trainer(cfg)
+    assert trainer.aer.regularizer.config == AERConfig(target_ratio=0.25, coef_rule="sign")
+    with pytest.raises(TypeError):
+        _Trainer(OmegaConf.create({"aer": {"no_such_setting": 1}}))
