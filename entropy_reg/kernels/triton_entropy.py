@@ -50,7 +50,7 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _finish_row(m, s, u2, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS: tl.constexpr):
+def _finish_row(m, s, u2, x_base, labels_ptr, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS: tl.constexpr):
     # From m = max x, s = sum 2^d, u2 = sum 2^d d with d = (x - m) log2(e) / T:
     #   H = ln2 (log2 s - u2 / s)        lse = m / T + ln2 log2 s        log p_y = x_y / T - lse
     # (lse keeps m / T as its own term so that the backward's x / T - lse is exact at the max.)
@@ -59,9 +59,19 @@ def _finish_row(m, s, u2, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_pt
     tl.store(ent_ptr + row, (log2_s - u2 / s) * LN2)
     tl.store(lse_ptr + row, lse)
     if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
         # An id outside [0, V) gives NaN instead of a read out of bounds (checking on the host would sync).
         x_y = tl.load(x_base + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32)
         tl.store(logp_ptr + row, x_y * inv_temp - lse)
+
+
+@triton.jit
+def _zero_row(row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS: tl.constexpr):
+    # Masked rows and ignored labels: outputs 0, logits never read.
+    tl.store(ent_ptr + row, 0.0)
+    tl.store(lse_ptr + row, 0.0)
+    if HAS_LABELS:
+        tl.store(logp_ptr + row, 0.0)
 
 
 @triton.jit
@@ -108,20 +118,14 @@ def _fwd_kernel(
             s = alpha * s + tl.sum(e, 0)
             m = m_new
         if FINAL:
-            y = 0
-            if HAS_LABELS:
-                y = tl.load(labels_ptr + row)
-            _finish_row(m, s, u, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
+            _finish_row(m, s, u, x_base, labels_ptr, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
         else:
             part = part_ptr + (row * num_splits + split) * 3
             tl.store(part, m)
             tl.store(part + 1, s)
             tl.store(part + 2, u)
     elif FINAL:
-        tl.store(ent_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if HAS_LABELS:
-            tl.store(logp_ptr + row, 0.0)
+        _zero_row(row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
 
 
 @triton.jit
@@ -148,16 +152,10 @@ def _merge_kernel(
         a = tl.exp2(delta)
         s = tl.sum(a * s_k, 0)
         u = tl.sum(a * (u_k + delta * s_k), 0)
-        y = 0
-        if HAS_LABELS:
-            y = tl.load(labels_ptr + row)
         x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
-        _finish_row(m, s, u, x_base, y, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
+        _finish_row(m, s, u, x_base, labels_ptr, V, inv_temp, row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
     else:
-        tl.store(ent_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if HAS_LABELS:
-            tl.store(logp_ptr + row, 0.0)
+        _zero_row(row, logp_ptr, ent_ptr, lse_ptr, HAS_LABELS)
 
 
 @triton.jit
