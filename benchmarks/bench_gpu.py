@@ -390,6 +390,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later items are skipped past it")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--no-linear", action="store_true", help="skip the fused lm_head benchmark")
+    ap.add_argument("--sizes", default=None, help="NxV,NxV,... instead of the full grid (e.g. 16384x151936)")
     args = ap.parse_args()
     budget = Budget(args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -429,6 +430,8 @@ def main() -> None:
     if CUDA and not args.no_compile:
         compiled["naive_compiled"] = torch.compile(naive, dynamic=True)
     sizes = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 151936, 262144)] if not args.quick else [(16, 1000)]
+    if args.sizes:
+        sizes = [tuple(int(a) for a in nv.split("x")) for nv in args.sizes.split(",")]
     for dtype in (torch.bfloat16, torch.float32):
         for n, v in sizes:
             if budget.left() < 30:

@@ -1,0 +1,430 @@
+"""Per-token entropy and log-probs straight from the lm_head input, never holding the logits.
+
+``linear_token_entropy(hidden, weight)`` equals ``token_entropy(hidden @ weight.T + bias)``
+(and its log-prob variant), with the logits formed one tile at a time:
+
+    tile = hidden[rows] @ weight[block].T + bias[block]          [rows, V_b], in hidden's dtype
+
+The forward gives each tile's per-row (lse_b, H_b) with the entropy kernel of the
+chosen backend (Triton on CUDA, torch on CPU) and merges the vocabulary blocks
+exactly (``entropy_reg.vocab_parallel.merge_parts``: lse = M + log S,
+H = sum_b e_b (H_b - (lse_b - M)) / S + log S with M = max lse_b,
+e_b = exp(lse_b - M), S = sum e_b); it saves two float32 numbers per row.
+The backward recomputes each tile, turns it into dL/dlogits (a second tile-sized
+buffer) with the fused kernel fed the full-vocabulary lse and H, and accumulates
+
+    grad_hidden[rows]   += dlogits @ weight[block]    (float32, summed over blocks)
+    grad_weight[block]  += dlogits.T @ hidden[rows]   (float32, summed over row chunks)
+    grad_bias[block]    += dlogits.sum(0)             (float32)
+
+Loop order: vocabulary blocks outside, row chunks inside, so the float32
+weight-gradient accumulator is one block (V_b x H), not V x H; the
+hidden-gradient accumulator is N x H float32 (for a 16-bit ``hidden``: H / V of
+the logits' size), the output itself for float32. Extra memory is therefore
+two logits tiles, plus for 16-bit inputs one float32 weight block and that
+accumulator: independent of V and, apart from the N x H accumulator, of the
+number of tokens.
+
+Default tile (``default_tiles``), from a logits budget B of 2**27 elements on
+GPUs (256 MiB in bfloat16) and 2**20 on CPU (4 MiB in float32, cache-sized):
+V_b = min(V, 2**26 / H, B / 256) vocabulary ids (a float32 weight-gradient
+block of at most 256 MiB; at least 256 rows per tile, since each tile's GEMM
+reads a whole weight block) and rows = B / V_b. At H = 4096 on a GPU: V_b =
+16384 and 8192 rows; on CPU: V_b = 4096 and 256 rows. When one row chunk
+covers every active row, the weight gradient of a block is a single GEMM
+written in weight's dtype (its float32 accumulation happens inside the GEMM)
+and no weight block is allocated. On CUDA the float32 accumulations are GEMMs
+with float32 output (``addmm(out_dtype=torch.float32)``, where torch has it).
+
+The approach (chunked recompute with GEMMs for the linear layer) is the one of
+fused linear cross-entropy losses (Liger-Kernel, verl's ``FusedLinearForPPO``);
+the vocabulary-blocked loop order and the exact block merge are this library's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import kernels
+from .entropy import LOGIT_DTYPES, _check_label_range, _check_rows_tensor, _check_temperature
+from .vocab_parallel import group_layout, label_logits, localize, merge_over_group, merge_parts, part_backward, part_stats
+
+_WEIGHT_BLOCK_BYTES = 256 << 20  # float32 weight-gradient block
+_TILE_ELEMS = {"cpu": 1 << 20}  # logits per tile: 4 MiB float32 on CPU, cache-sized
+_TILE_ELEMS_DEFAULT = 1 << 27  # GPUs: 8192-wide blocks ran the GEMMs ~4% slower than 16384 (H200)
+# Each tile's GEMM reads a whole weight block: fewer rows than this and it is bound by that read.
+_MIN_TILE_ROWS = 256
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def default_tiles(num_rows: int, vocab: int, hidden: int, device: torch.device, chunk_size: int | None) -> tuple[int, int]:
+    """(rows per chunk, vocabulary ids per block) of the logits tile; see the module docstring."""
+    budget = _TILE_ELEMS.get(device.type, _TILE_ELEMS_DEFAULT)
+    block = max(1, min(vocab, _WEIGHT_BLOCK_BYTES // (4 * hidden), budget // _MIN_TILE_ROWS))
+    rows = chunk_size if chunk_size is not None else budget // block
+    return max(1, min(rows, num_rows)), block
+
+
+def linear_token_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    process_group: dist.ProcessGroup | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Entropy H (nats) of softmax((hidden @ weight.T + bias) / T) per row, or (log p_y, H) with labels.
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16 or float16 (the lm_head input).
+        weight: ``[V, H]`` same dtype and device (``nn.Linear`` layout).
+        labels: optional ``[...]`` integer vocabulary ids; ``ignore_index`` rows
+            behave as masked rows for both outputs.
+        temperature: T > 0; gradients include the 1/T factor.
+        mask: optional bool ``[...]``; False rows cost nothing, give 0 and get
+            gradient 0.
+        bias: optional ``[V]``, same dtype; -inf entries are legal.
+        chunk_size: rows per tile (default from V and H, see ``default_tiles``);
+            extra memory grows with it, speed up to the point GEMMs saturate.
+        backend: entropy kernel: "torch", "triton" or "auto", as ``token_entropy``.
+        process_group: vocabulary parallelism: ``weight`` (and ``bias``) are this
+            rank's contiguous shard (rank r holds ids ``[r * V, (r + 1) * V)``),
+            labels are global ids, ``hidden`` is replicated. The outputs are the
+            full vocabulary's, and so are the gradients: the weight and bias
+            gradients are this rank's rows, the hidden gradient is summed over
+            the group (do not add another all-reduce for it). Three collectives
+            per forward + backward. Eager only.
+
+    Returns:
+        float32 entropy ``[...]``, or ``(logprobs, entropy)`` when labels are given;
+        differentiable with respect to hidden, weight and bias.
+
+    Under autocast, hidden, weight and bias are cast to the autocast dtype first, as
+    autocast would cast the inputs of the ``nn.Linear`` this replaces.
+    """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    _check_linear(hidden, weight, bias)
+    _check_temperature(temperature)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    backend = kernels.resolve(backend, hidden.device)
+    world = group_layout(process_group)[1] if process_group is not None else 1
+    lead = hidden.shape[:-1]
+    active = None
+    if mask is not None:
+        _check_rows_tensor("mask", mask, hidden, (torch.bool,))
+        active = mask.reshape(-1)
+    flat_labels = None
+    if labels is not None:
+        _check_rows_tensor("labels", labels, hidden, _LABEL_DTYPES)
+        flat_labels = labels.reshape(-1).long()
+        valid = flat_labels != ignore_index
+        _check_label_range(flat_labels, valid, weight.shape[0] * world, ignore_index)
+        active = valid if active is None else active & valid
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    rows, block = default_tiles(h2.shape[0], weight.shape[0], h2.shape[1], hidden.device, chunk_size)
+    args = (h2, weight, bias, flat_labels, active, 1.0 / float(temperature), backend, rows, block)
+    if process_group is None:
+        logp, entropy, _ = linear_logprobs_entropy(*args)
+    else:
+        logp, entropy = _ShardedLinear.apply(*args, process_group)
+    return (logp.view(lead), entropy.view(lead)) if labels is not None else entropy.view(lead)
+
+
+def _autocast(*ts: Tensor | None) -> tuple[Tensor | None, ...]:
+    dev = ts[0].device.type if isinstance(ts[0], Tensor) else "cpu"
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in ts)
+
+
+def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t is not hidden and (t.dtype != hidden.dtype or t.device != hidden.device):
+            raise TypeError(f"{name} must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got {t.dtype}, {t.device}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with V > 0 and H = hidden.shape[-1]; got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _row_chunks(h2: Tensor, active: Tensor | None, step: int) -> list[Tensor | slice]:
+    """Row selectors of the chunks: slices when every row is active, else index tensors of active rows."""
+    if active is None or bool(active.all()):
+        return [slice(r, r + step) for r in range(0, h2.shape[0], step)]
+    idx = active.nonzero().squeeze(1)
+    return [idx[r : r + step] for r in range(0, idx.numel(), step)]
+
+
+def _tiles(
+    h2: Tensor, weight: Tensor, bias: Tensor | None, chunks: list[Tensor | slice], block: int
+) -> Iterator[tuple[int, int, int, Tensor | slice, Tensor]]:
+    """Yield (block index, first id, chunk index, rows, logits tile[rows, V_b]), vocabulary blocks outside."""
+    for bi, v0 in enumerate(range(0, weight.shape[0], block)):
+        w_b = weight[v0 : v0 + block]
+        b_b = bias[v0 : v0 + block] if bias is not None else None
+        for ci, rows in enumerate(chunks):
+            # not bound to a local: a tile the caller has dropped is freed before the next is made
+            yield bi, v0, ci, rows, (torch.mm(h2[rows], w_b.t()) if b_b is None else torch.addmm(b_b, h2[rows], w_b.t()))
+
+
+def _forward(
+    h2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    active: Tensor | None,
+    inv_temp: float,
+    backend: str,
+    rows: int,
+    block: int,
+    group: dist.ProcessGroup | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp[n] or empty, H[n], lse[n]) float32 of the full vocabulary (all ranks' shards when grouped)."""
+    n, vocab = h2.shape[0], weight.shape[0]
+    offset = group_layout(group)[0] * vocab if group is not None else 0
+    f32 = dict(dtype=torch.float32, device=h2.device)
+    n_blocks = -(-vocab // block)
+    lse_parts = torch.zeros(n_blocks, n, **f32)
+    ent_parts = torch.zeros(n_blocks, n, **f32)
+    zy = torch.zeros(n, **f32) if labels is not None else None
+    owned = torch.zeros(n, dtype=torch.bool, device=h2.device) if labels is not None else None
+    chunks = _row_chunks(h2, active, rows)
+    for bi, v0, _, r, tile in _tiles(h2, weight, bias, chunks, block):
+        x3 = tile.unsqueeze(0)
+        lse_parts[bi, r], ent_parts[bi, r] = part_stats(backend, x3, None, inv_temp, may_be_empty=bias is not None)
+        if labels is not None:
+            local, own = localize(labels[r], offset + v0, tile.shape[1], None)
+            zy[r] += label_logits(x3, local, own, inv_temp)
+            owned[r] |= own
+        del tile, x3
+    lse, entropy = merge_parts(lse_parts, ent_parts)
+    if group is not None:
+        lse, entropy, logp = merge_over_group(lse, entropy, zy, owned, vocab, group)
+    else:
+        logp = zy - lse if labels is not None else None
+    if active is not None:
+        entropy = torch.where(active, entropy, 0.0)
+        logp = torch.where(active, logp, 0.0) if logp is not None else None
+    return (logp if logp is not None else entropy.new_empty(0)), entropy, lse
+
+
+@functools.cache
+def _f32_out_gemm(device: torch.device) -> bool:
+    """Whether GEMMs on ``device`` write float32 from 16-bit factors (``addmm(out_dtype=)``: CUDA, recent torch)."""
+    if device.type != "cuda":
+        return False
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    c = torch.ones(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool((c == 3).all())
+
+
+def _add_product(dst: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -> None:
+    """dst = a @ b (``overwrite``) or dst += a @ b, in dst's dtype.
+
+    A float32 ``dst`` with 16-bit factors gets the GEMM's float32 sums directly
+    where the device can (CUDA), else their product rounded once to the factors'
+    dtype and then added in float32.
+    """
+    beta = 0 if overwrite else 1
+    if dst.dtype == a.dtype:
+        torch.addmm(dst, a, b, beta=beta, out=dst)
+    elif _f32_out_gemm(dst.device):
+        torch.addmm(dst, a, b, beta=beta, out_dtype=torch.float32, out=dst)
+    elif overwrite:
+        dst.copy_(torch.mm(a, b))
+    else:
+        dst += torch.mm(a, b)
+
+
+def _backward(
+    h2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    active: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    inv_temp: float,
+    backend: str,
+    rows: int,
+    block: int,
+    needs: tuple[bool, bool, bool],
+    group: dist.ProcessGroup | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden2, grad_weight, grad_bias), an empty tensor for each gradient not in ``needs``."""
+    need_h, need_w, need_b = needs
+    n, vocab = h2.shape[0], weight.shape[0]
+    offset = group_layout(group)[0] * vocab if group is not None else 0
+    if labels is None:
+        grad_logp = None
+    f32 = dict(dtype=torch.float32, device=h2.device)
+    # a distinct empty tensor per unneeded gradient: custom-op outputs may not alias
+    g_h = torch.zeros(n, h2.shape[1], **f32) if need_h else h2.new_empty(0)
+    chunks = _row_chunks(h2, active, rows)
+    g_w = (torch.empty_like(weight) if chunks else torch.zeros_like(weight)) if need_w else h2.new_empty(0)
+    g_b = torch.zeros(vocab, **f32) if need_b else h2.new_empty(0)
+    # 16-bit weight and several row chunks: the block's gradient sums in float32 before its one cast.
+    acc = None
+    if need_w and len(chunks) > 1 and weight.dtype != torch.float32:
+        acc = torch.empty(min(block, vocab), h2.shape[1], **f32)
+    # dL/dlogits goes to its own buffer, not over the tile: the kernel's tuned out-of-place form
+    scratch = None
+    for bi, v0, ci, r, tile in _tiles(h2, weight, bias, chunks, block):
+        v1 = v0 + tile.shape[1]
+        if scratch is None:
+            scratch = torch.empty(tile.numel(), dtype=tile.dtype, device=tile.device)  # the first tile is the largest
+        d = scratch[: tile.numel()].view(tile.shape)
+        local = own = None
+        if grad_logp is not None:
+            local, own = localize(labels[r], offset + v0, tile.shape[1], None)
+        g_lp = grad_logp[r] if grad_logp is not None else None
+        g_ent = grad_entropy[r] if grad_entropy is not None else None
+        part_backward(backend, tile.unsqueeze(0), local, own, None, lse[r], entropy[r], g_lp, g_ent, inv_temp, d.unsqueeze(0))
+        del tile
+        if need_h:
+            if isinstance(r, slice):
+                _add_product(g_h[r], d, weight[v0:v1])
+            else:
+                g_h.index_add_(0, r, torch.mm(d, weight[v0:v1]).float())
+        if need_b:
+            g_b[v0:v1] += d.sum(0, dtype=torch.float32)
+        if need_w:
+            dst = g_w[v0:v1] if acc is None else acc[: v1 - v0]
+            _add_product(dst, d.t(), h2[r], overwrite=ci == 0)
+            if acc is not None and ci == len(chunks) - 1:
+                g_w[v0:v1] = dst
+    if need_h and group is not None:
+        dist.all_reduce(g_h, op=dist.ReduceOp.SUM, group=group)
+    return g_h.to(h2.dtype), g_w, (g_b.to(bias.dtype) if need_b else g_b)
+
+
+@torch.library.custom_op("entropy_reg::linear_logprobs_entropy", mutates_args=())
+def linear_logprobs_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    active: Tensor | None,
+    inv_temp: float,
+    backend: str,
+    rows: int,
+    block: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logprobs[n] or empty when labels is None, entropy[n], lse[n]) float32 from hidden[n, H], weight[V, H]."""
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs' dtypes are the compute dtypes
+        return _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, None)
+
+
+@linear_logprobs_entropy.register_fake
+def _(hidden, weight, bias, labels, active, inv_temp, backend, rows, block):
+    n = hidden.shape[0]
+    f32 = torch.float32
+    return hidden.new_empty(n if labels is not None else 0, dtype=f32), hidden.new_empty(n, dtype=f32), hidden.new_empty(n, dtype=f32)
+
+
+@torch.library.custom_op("entropy_reg::linear_logprobs_entropy_backward", mutates_args=())
+def linear_logprobs_entropy_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    active: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    inv_temp: float,
+    backend: str,
+    rows: int,
+    block: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); an empty tensor for each one not needed."""
+    needs = (need_hidden, need_weight, need_bias)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _backward(hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, needs, None)
+
+
+@linear_logprobs_entropy_backward.register_fake
+def _(hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, need_hidden, need_weight, need_bias):
+    def like(t: Tensor | None, need: bool) -> Tensor:
+        return torch.empty_like(t) if need else hidden.new_empty(0)
+
+    return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
+
+
+def _needs(ctx: torch.autograd.function.FunctionCtx, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+
+
+def _grads(ctx: torch.autograd.function.FunctionCtx, g_h: Tensor, g_w: Tensor, g_b: Tensor) -> tuple[Tensor | None, ...]:
+    need_h, need_w, need_b = ctx.needs
+    return (g_h if need_h else None, g_w if need_w else None, g_b if need_b else None) + (None,) * 7
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, labels, active, inv_temp, backend, rows, block = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, active, lse, entropy)
+    ctx.args = (inv_temp, backend, rows, block)
+    ctx.needs = _needs(ctx, bias)
+    ctx.mark_non_differentiable(lse)
+
+
+def _op_backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _grad_lse: Tensor | None):
+    hidden, weight, bias, labels, active, lse, entropy = ctx.saved_tensors
+    grads = linear_logprobs_entropy_backward(
+        hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, *ctx.args, *ctx.needs
+    )
+    return _grads(ctx, *grads)[:9]
+
+
+torch.library.register_autograd("entropy_reg::linear_logprobs_entropy", _op_backward, setup_context=_setup_context)
+
+
+class _ShardedLinear(torch.autograd.Function):
+    """Vocabulary-parallel autograd (collectives in Python, so not a custom op)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group):
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, entropy, lse = _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group)
+        ctx.save_for_backward(hidden, weight, bias, labels, active, lse, entropy)
+        ctx.args = (inv_temp, backend, rows, block)
+        ctx.needs = _needs(ctx, bias)
+        ctx.group = group
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, active, lse, entropy = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            grads = _backward(hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, *ctx.args, ctx.needs, ctx.group)
+        return _grads(ctx, *grads)

@@ -1,0 +1,233 @@
+"""Vocabulary-parallel entropy / log-probs: the merge formula in-process, then 2 and 4 gloo ranks.
+
+Every rank builds the same full problem from one seed, keeps its Megatron shard
+(ids [r * V, (r + 1) * V)), and compares outputs and gradients with float64
+references over the full vocabulary, written from the formulas.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entropy_reg import token_entropy, token_logprobs_and_entropy
+from entropy_reg.linear import linear_token_entropy
+from entropy_reg.vocab_parallel import merge_parts
+from tests.reference import entropy_f64, logprob_f64
+
+F64 = torch.float64
+NEG_INF = float("-inf")
+
+
+def reference(z, labels=None, mask=None, ignore_index=-100):
+    """(log p_y or None, H) in float64 of softmax(z) over the full vocabulary; masked and ignored rows 0."""
+    keep = torch.ones(z.shape[:-1], dtype=torch.bool) if mask is None else mask.clone()
+    logp = None
+    if labels is not None:
+        keep &= labels != ignore_index
+        logp = torch.where(keep, logprob_f64(z, labels), 0.0)
+    return logp, torch.where(keep, entropy_f64(z), 0.0)
+
+
+def part_stats64(z):
+    """(lse_k, H_k) of each part from the formulas: lse = log sum exp z, H = lse - E[z]."""
+    lse = torch.logsumexp(z, -1)
+    p = (z - lse.unsqueeze(-1)).exp()
+    return lse, lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    rows=st.integers(1, 6),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_merge_parts_equals_full_vocabulary(cuts, rows, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, sum(cuts), generator=g, dtype=F64) * scale
+    stats = [part_stats64(part) for part in z.split(cuts, dim=-1)]
+    lse, ent = merge_parts(torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+    _, ref_ent = reference(z)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(ent, ref_ent)
+
+
+def test_merge_parts_empty_part_has_weight_zero():
+    z = torch.tensor([[0.5, -1.0, NEG_INF, NEG_INF, 2.0]], dtype=F64)
+    lse_parts = torch.tensor([[torch.logsumexp(z[0, :2], 0)], [NEG_INF], [2.0]], dtype=F64)
+    ent_parts = torch.tensor([[part_stats64(z[:, :2])[1][0]], [0.0], [0.0]], dtype=F64)
+    lse, ent = merge_parts(lse_parts, ent_parts)
+    torch.testing.assert_close(ent, reference(z)[1])
+    all_empty = merge_parts(torch.full((2, 1), NEG_INF), torch.zeros(2, 1))[1]
+    assert torch.isnan(all_empty).all()
+
+
+# ---------------------------------------------------------------- multi-process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _CountCollectives:
+    """Counts torch.distributed.all_reduce calls (the module under test calls it through `dist`)."""
+
+    def __init__(self):
+        self.count = 0
+        self._orig = dist.all_reduce
+
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _close(got, want, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol)
+
+
+def _check_logits_path(rank, world, seed, dtype, inplace):
+    g = torch.Generator().manual_seed(seed)
+    vl = int(torch.randint(1, 9, (1,), generator=g))
+    b, t, vocab = 2, 5, vl * world
+    z = torch.randn(b, t, vocab, generator=g, dtype=F64) * 3
+    z[0, 1, : vl * (world - 1)] = NEG_INF  # only the last shard is finite on this row
+    z[1, 2, vl:] = NEG_INF  # only the first shard
+    z[1, 4, 0] = NEG_INF
+    labels = torch.randint(0, vocab, (b, t), generator=g)
+    labels[0, 1] = vocab - 1
+    labels[1, 2] = 0
+    labels[0, 3] = -100
+    mask = torch.rand(b, t, generator=g) < 0.8
+    temp = 0.7
+    gw = [torch.randn(b, t, generator=g, dtype=F64) for _ in range(2)]
+    z = z.to(dtype).double()  # the reference sees the logits the shards hold
+
+    full = z.clone().requires_grad_()
+    ref_logp, ref_ent = reference(full / temp, labels, mask)
+    ref_g = torch.autograd.grad((ref_logp * gw[0]).sum() + (ref_ent * gw[1]).sum(), full)[0]
+
+    shard = z[..., rank * vl : (rank + 1) * vl].to(dtype).clone().requires_grad_()
+    with _CountCollectives() as c:
+        logp, ent = token_logprobs_and_entropy(
+            shard * 1 if inplace else shard, labels, temperature=temp, mask=mask, process_group=dist.group.WORLD,
+            inplace_backward=inplace,
+        )
+    assert c.count == 2, f"forward used {c.count} all_reduce calls"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    _close(logp, ref_logp, **tol)
+    _close(ent, ref_ent, **tol)
+    with _CountCollectives() as c:
+        ((logp * gw[0].float()).sum() + (ent * gw[1].float()).sum()).backward()
+    assert c.count == 0
+    _close(shard.grad, ref_g[..., rank * vl : (rank + 1) * vl], **tol)
+
+    # log-prob gradient alone (the entropy output unused), then entropy alone without labels
+    shard2 = shard.detach().clone().requires_grad_()
+    lp_only, _ = token_logprobs_and_entropy(shard2, labels, temperature=temp, mask=mask, process_group=dist.group.WORLD)
+    lp_only.sum().backward()
+    full2 = z.clone().requires_grad_()
+    want = torch.autograd.grad(reference(full2 / temp, labels, mask)[0].sum(), full2)[0]
+    _close(shard2.grad, want[..., rank * vl : (rank + 1) * vl], **tol)
+
+    shard3 = shard.detach().clone().requires_grad_()
+    ent_only = token_entropy(shard3, temperature=temp, process_group=dist.group.WORLD)
+    ent_only.sum().backward()
+    full3 = z.clone().requires_grad_()
+    ref3 = reference(full3 / temp)[1]
+    _close(ent_only, ref3, **tol)
+    want = torch.autograd.grad(ref3.sum(), full3)[0]
+    _close(shard3.grad, want[..., rank * vl : (rank + 1) * vl], **tol)
+
+
+def _check_linear_path(rank, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    vl = int(torch.randint(3, 12, (1,), generator=g))
+    n, hid, vocab = 7, 5, vl * world
+    h = torch.randn(n, hid, generator=g, dtype=F64)
+    w = torch.randn(vocab, hid, generator=g, dtype=F64)
+    bias = torch.randn(vocab, generator=g, dtype=F64)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[2] = -100
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[5] = False
+    gw = [torch.randn(n, generator=g, dtype=F64) for _ in range(2)]
+    temp = 1.3
+
+    h64, w64, b64 = (x.clone().requires_grad_() for x in (h, w, bias))
+    ref_logp, ref_ent = reference((h64 @ w64.T + b64) / temp, labels, mask)
+    ref_grads = torch.autograd.grad((ref_logp * gw[0]).sum() + (ref_ent * gw[1]).sum(), [h64, w64, b64])
+
+    sl = slice(rank * vl, (rank + 1) * vl)
+    h32 = h.float().requires_grad_()
+    w32 = w[sl].float().requires_grad_()
+    b32 = bias[sl].float().requires_grad_()
+    with _CountCollectives() as c:
+        logp, ent = linear_token_entropy(
+            h32, w32, labels, temperature=temp, mask=mask, bias=b32, chunk_size=3, process_group=dist.group.WORLD
+        )
+        ((logp * gw[0].float()).sum() + (ent * gw[1].float()).sum()).backward()
+    assert c.count == 3, f"forward + backward used {c.count} all_reduce calls"
+    _close(logp, ref_logp)
+    _close(ent, ref_ent)
+    _close(h32.grad, ref_grads[0], rtol=1e-4, atol=1e-4)
+    _close(w32.grad, ref_grads[1][sl], rtol=1e-4, atol=1e-4)
+    _close(b32.grad, ref_grads[2][sl], rtol=1e-4, atol=1e-4)
+
+
+def _check_unequal_shards_raise(rank, world):
+    shard = torch.randn(3, 4 + (rank == 0))
+    try:
+        token_entropy(shard, process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert "process_group" in str(e)
+    else:
+        raise AssertionError("unequal shards were accepted")
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for i, (dtype, inplace) in enumerate([(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]):
+            _check_logits_path(rank, world, seed=100 * world + i, dtype=dtype, inplace=inplace)
+        for seed in range(3):
+            _check_linear_path(rank, world, seed=1000 * world + seed)
+        _check_unequal_shards_raise(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_full_vocabulary(world):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # fork: the children inherit the imported modules (spawn re-imports torch: ~10x slower); they
+    # set one intra-op thread before any work, which keeps OpenMP fork-safe. Not once CUDA is
+    # initialized here: autograd's device threads make a forked child's backward fail.
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    method = "fork" if fork else "spawn"
+    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=True, start_method=method)
+
+
+def test_process_group_needs_initialized_distributed():
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    with pytest.raises(ValueError, match="process_group"):
+        token_entropy(torch.randn(2, 3), process_group=object())
