@@ -1,0 +1,107 @@
+"""The demo's arms: where each one's entropy coefficients come from.
+
+- ``none``: no entropy term (the baseline whose entropy collapses);
+- ``fixed``: one constant coefficient for every token (``low`` and ``high``
+  show that the right constant is fragile);
+- ``aer``: :class:`~entropy_reg.regularizer.AdaptiveEntropyRegularizer`, wired
+  as a trainer wires it: per-response coefficients alpha * w_i from the
+  difficulty allocator, the term from :meth:`~AdaptiveEntropyRegularizer.loss`,
+  and :meth:`~AdaptiveEntropyRegularizer.update` once per step with the global
+  mean token entropy.
+
+The ablations (``--ablate``) remove one AER component each, through
+:class:`~entropy_reg.regularizer.AERConfig` alone:
+
+- no difficulty allocation: ``difficulty_rule="uniform"``;
+- no anchor: an absolute target of 0.2 nats (TRL's default), written as
+  ``initial_entropy=0.2, target_ratio=1.0``;
+- no controller: ``coef_lr=0`` freezes alpha at ``coef_init`` = the "low" fixed
+  coefficient, so that arm differs from "fixed low" only by the allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..aggregation import aggregate
+from ..regularizer import AdaptiveEntropyRegularizer, AERConfig
+
+# TRL's default absolute target (GRPOConfig), the "no anchor" ablation's target.
+ABSOLUTE_TARGET_NATS = 0.2
+
+# The demo's AER settings. The library's controller defaults (lr 1e-4, ceiling 1e-2)
+# are sized for LLMs; this 100k-parameter policy, whose policy-gradient term is O(1),
+# needs coefficients ten times larger (the fixed low/high arms bracket them), so the
+# controller's step and ceiling are scaled to match. Everything else is the default.
+DEMO_AER = AERConfig(coef_lr=0.02, coef_max=0.3)
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm. ``kind`` is "none", "fixed" or "aer"; ``coef`` is the constant of a
+    fixed arm (or the frozen alpha of the no-controller ablation); the three flags
+    switch AER's components on or off."""
+
+    name: str
+    kind: str
+    coef: float = 0.0
+    allocation: bool = True
+    anchored: bool = True
+    adaptive: bool = True
+
+    def aer_config(self, base: AERConfig) -> AERConfig:
+        """``base`` with this arm's components removed."""
+        cfg = base
+        if not self.allocation:
+            cfg = replace(cfg, difficulty_rule="uniform")
+        if not self.anchored:
+            cfg = replace(cfg, initial_entropy=ABSOLUTE_TARGET_NATS, target_ratio=1.0)
+        if not self.adaptive:
+            cfg = replace(cfg, coef_lr=0.0, coef_init=self.coef, coef_max=max(cfg.coef_max, self.coef))
+        return cfg
+
+
+class CoefficientSource:
+    """Per-response entropy coefficients for one arm, the loss term, and the per-step update.
+
+    Call order, per GRPO step: :meth:`coefficients` on the rollout batch, then
+    :meth:`loss` in each minibatch (added to the policy loss), then
+    :meth:`update` once after the optimizer steps, with the step's global mean
+    token entropy (nats). ``alpha`` is the global coefficient that the last
+    :meth:`coefficients` call used and ``target`` the current target entropy
+    (None when the arm has none, or before the anchor is measured).
+    """
+
+    def __init__(self, spec: ArmSpec, base: AERConfig = DEMO_AER) -> None:
+        if spec.kind not in ("none", "fixed", "aer"):
+            raise ValueError(f"spec.kind must be 'none', 'fixed' or 'aer', got {spec.kind!r}")
+        self.spec = spec
+        self.active = spec.kind != "none"
+        self.reg = AdaptiveEntropyRegularizer(spec.aer_config(base)) if spec.kind == "aer" else None
+        self.alpha = self.reg.value if self.reg is not None else spec.coef
+
+    @property
+    def target(self) -> float | None:
+        return self.reg.target.value if self.reg is not None else None
+
+    def coefficients(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        """``[N]`` float32: alpha times the allocator's weight (the constant for fixed arms)."""
+        if self.reg is None:
+            return torch.full_like(rewards, self.alpha)
+        self.alpha = self.reg.value
+        return self.reg.coefficients(rewards, group_ids)
+
+    def loss(self, entropy: Tensor, mask: Tensor, coefficients: Tensor) -> Tensor:
+        """The term to add to the policy loss: ``-token_mean(c_i * H_it)`` (0 for the no-entropy arm)."""
+        if self.reg is not None:
+            return self.reg.loss(entropy, mask, coefficients, agg="token-mean")
+        if not self.active:
+            return entropy.new_zeros(())
+        return -aggregate(coefficients[:, None] * entropy, mask, "token-mean")
+
+    def update(self, entropy: Tensor) -> None:
+        if self.reg is not None:
+            self.reg.update(entropy)

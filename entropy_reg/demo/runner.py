@@ -1,0 +1,190 @@
+"""Command line of the demo: ``python -m entropy_reg.demo`` / ``entropy-reg demo`` / ``make demo``.
+
+Warm-starts (or loads) the policy once per seed, trains every arm from it with
+the same seeds, data order and step budget, and after each finished run writes
+``results.json``, ``table.md`` and ``entropy_demo.png`` to the output folder,
+so an interrupted run keeps the arms that finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arms import DEMO_AER, ArmSpec, CoefficientSource
+from .grpo import GRPOConfig, train_arm
+from .policy import PolicyConfig, TinyTransformer
+from .report import COLLAPSE_FRACTION, format_table, plot, summarize, write_json
+from .task import VOCAB_SIZE, AdditionTask
+from .warmstart import WarmStartConfig, warm_start
+
+# Constants of the fixed-coefficient arms: "low" lets entropy collapse, "high" blows it up.
+LOW_COEF = 0.1
+HIGH_COEF = 0.3
+QUICK = {"steps": 40, "eval_every": 10, "eval_prompts_per_bucket": 16, "final_eval_samples": 8}
+# Held-out prompts come from their own fixed seed, identical for every seed and arm. (The
+# 1-digit bucket has only 100 distinct problems, so those also occur in training.)
+EVAL_SEED = 1_000_003
+
+
+def arm_specs(ablate: bool) -> list[ArmSpec]:
+    specs = [
+        ArmSpec("no entropy", "none"),
+        ArmSpec(f"fixed {LOW_COEF:g}", "fixed", LOW_COEF),
+        ArmSpec(f"fixed {HIGH_COEF:g}", "fixed", HIGH_COEF),
+        ArmSpec("AER", "aer"),
+    ]
+    if ablate:
+        specs += [
+            ArmSpec("AER - difficulty", "aer", allocation=False),
+            ArmSpec("AER - anchor", "aer", anchored=False),
+            ArmSpec(f"AER - controller (alpha={LOW_COEF:g})", "aer", LOW_COEF, adaptive=False),
+        ]
+    return specs
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    return device
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = (
+        "GRPO on a synthetic addition task with a tiny transformer, on the CPU: "
+        "no entropy term vs fixed coefficients vs AER. Writes a table, a figure and a JSON."
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run (under a minute; used by the tests)")
+    parser.add_argument("--steps", type=_positive_int, help="GRPO steps per arm (default %d)" % GRPOConfig.steps)
+    parser.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (default 1)")
+    parser.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed (default 0)")
+    parser.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    parser.add_argument("--ablate", action="store_true", help="also run AER with each component removed")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch CPU threads (default 1: this model is too small to gain from more)")
+    return parser
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog=prog))
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments) and run; returns the exit status."""
+    return run(build_parser(prog).parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo from parsed arguments (see :func:`add_arguments`); returns the exit status."""
+    device: torch.device = args.device
+    try:
+        from tqdm.auto import tqdm
+        import matplotlib  # noqa: F401  (fail now, not after the first arm)
+    except ImportError as exc:
+        print(f"the demo needs matplotlib and tqdm: pip install 'entropy-reg[demo]' ({exc})", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    config = GRPOConfig(**(QUICK if args.quick else {}))
+    if args.steps is not None:
+        config = replace(config, steps=args.steps, eval_every=min(config.eval_every, args.steps))
+    task = AdditionTask()
+    policy_config = PolicyConfig(VOCAB_SIZE, task.prompt_len + task.answer_len)
+    warm_config = WarmStartConfig()
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    specs = arm_specs(args.ablate)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    eval_prompts = task.make(torch.tensor(task.buckets).repeat_interleave(config.eval_prompts_per_bucket),
+                             torch.Generator().manual_seed(EVAL_SEED)).to(device)
+    started = time.perf_counter()
+    payload: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+        "seeds": seeds, "device": str(device), "torch": torch.__version__, "threads": args.threads,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "grpo": asdict(config), "warm_start": asdict(warm_config), "policy": asdict(policy_config),
+        "aer": DEMO_AER.to_dict(), "arms": {s.name: asdict(s) for s in specs},
+        "collapse_fraction": COLLAPSE_FRACTION, "runs": {}, "summary": {},
+    }
+    aer_name = next((s.name for s in specs if s.kind == "aer"), None)
+    title = (f"GRPO on reversed-digit addition (1-{task.max_digits} digits), tiny transformer, "
+             f"{config.steps} steps, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    try:
+        states = {}
+        for seed in seeds:
+            t0 = time.perf_counter()
+            states[seed], cached = warm_start(task, policy_config, warm_config, seed, out / "cache")
+            print(f"warm start, seed {seed}: {'loaded from cache' if cached else f'{time.perf_counter() - t0:.1f} s'}",
+                  flush=True)
+        for spec in specs:
+            runs = payload["runs"].setdefault(spec.name, [])
+            for seed in seeds:
+                with tqdm(total=config.steps, desc=f"{spec.name} (seed {seed})", unit="step") as bar:
+                    history, final, wall = train_arm(
+                        CoefficientSource(spec), states[seed], lambda: TinyTransformer(policy_config), task, config,
+                        eval_prompts, seed, device, on_step=_progress(bar),
+                    )
+                runs.append({"seed": seed, "history": asdict(history), "final": final, "wall_s": wall})
+                payload["summary"][spec.name] = summarize(runs)
+                payload["total_wall_s"] = time.perf_counter() - started
+                _write_outputs(out, payload, task, len(seeds), aer_name, title)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: outputs of the finished runs are in {out}/", file=sys.stderr)
+        return 130
+    table = format_table(payload["summary"], task.buckets, len(seeds))
+    print()
+    print(table)
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; "
+          f"figure {out / 'entropy_demo.png'}, numbers {out / 'results.json'}")
+    return 0
+
+
+def _progress(bar: Any) -> Callable[[dict[str, float]], None]:
+    """A per-step callback that advances ``bar`` and shows entropy, alpha and the batch reward."""
+
+    def on_step(m: dict[str, float]) -> None:
+        bar.set_postfix(H=f"{m['H']:.3f}", alpha=f"{m['coef']:.4f}", reward=f"{m['reward']:.2f}", refresh=False)
+        bar.update(1)
+
+    return on_step
+
+
+def _write_outputs(out: Path, payload: dict[str, Any], task: AdditionTask, n_seeds: int,
+                   aer_name: str | None, title: str) -> None:
+    write_json(out / "results.json", payload)
+    (out / "table.md").write_text(format_table(payload["summary"], task.buckets, n_seeds) + "\n")
+    aer = aer_name if aer_name in payload["runs"] else None
+    plot(out / "entropy_demo.png", payload["runs"], payload["summary"], aer, task.buckets, title)
