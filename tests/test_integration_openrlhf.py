@@ -172,14 +172,22 @@ def _openrlhf_loss_module():
     pkg = types.ModuleType(pkg_name)
     pkg.__path__ = []
     sys.modules[pkg_name] = pkg
-    sys.modules.setdefault("deepspeed", types.ModuleType("deepspeed"))
-    with zipfile.ZipFile(wheels[0]) as zf:
-        for name in ("utils", "loss"):
-            src = zf.read(f"openrlhf-0.11.2.data/purelib/openrlhf/models/{name}.py").decode()
-            mod = types.ModuleType(f"{pkg_name}.{name}")
-            mod.__package__ = pkg_name
-            sys.modules[mod.__name__] = mod
-            exec(compile(src, f"openrlhf/models/{name}.py", "exec"), mod.__dict__)
+    # The stub is visible only while the two modules execute: left in sys.modules it would break
+    # libraries that probe for deepspeed later in the session (transformers' find_spec).
+    stub = "deepspeed" not in sys.modules
+    if stub:
+        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+    try:
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for name in ("utils", "loss"):
+                src = zf.read(f"openrlhf-0.11.2.data/purelib/openrlhf/models/{name}.py").decode()
+                mod = types.ModuleType(f"{pkg_name}.{name}")
+                mod.__package__ = pkg_name
+                sys.modules[mod.__name__] = mod
+                exec(compile(src, f"openrlhf/models/{name}.py", "exec"), mod.__dict__)
+    finally:
+        if stub:
+            del sys.modules["deepspeed"]
     return sys.modules[f"{pkg_name}.loss"]
 
 
