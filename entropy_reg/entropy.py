@@ -95,19 +95,9 @@ def _logprobs_entropy(
         vocab *= vocab_parallel.group_layout(process_group)[1]  # labels are global ids
     _check_temperature(temperature)
     backend = kernels.resolve(backend, logits.device)
-    active = None
-    if mask is not None:
-        _check_rows_tensor("mask", mask, logits, (torch.bool,))
-        active = mask.reshape(-1)
-    flat_labels = None
-    if labels is not None:
-        _check_rows_tensor("labels", labels, logits, (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8))
-        flat_labels = labels.reshape(-1).long()
-        valid = flat_labels != ignore_index
-        if backend == "torch" or logits.device.type == "cpu":
-            # The Triton kernels turn an id outside [0, V) into a NaN log-prob without a host sync.
-            _check_label_range(flat_labels, valid, vocab, ignore_index)
-        active = valid if active is None else active & valid
+    # The Triton kernels turn an id outside [0, V) into a NaN log-prob without a host sync.
+    check_range = backend == "torch" or logits.device.type == "cpu"
+    flat_labels, active = flat_rows(labels, mask, logits, "logits", vocab, ignore_index, check_range)
     if inplace_backward and not logits.requires_grad:
         inplace_backward = False
     x3 = _as_3d(logits)
@@ -163,15 +153,47 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
-def _check_rows_tensor(name: str, t: Tensor, logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def flat_rows(
+    labels: Tensor | None,
+    mask: Tensor | None,
+    like: Tensor,
+    like_name: str,
+    vocab: int,
+    ignore_index: int,
+    check_range: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Check per-row ``labels`` / ``mask`` against ``like[..., X]``; return them flat.
+
+    Returns (labels as int64 [n] or None, active rows as bool [n] or None when every
+    row is active). A row is active when its mask is True and its label is not
+    ``ignore_index``. ``check_range`` also checks ids against ``[0, vocab)`` (a host sync).
+    """
+    active = None
+    if mask is not None:
+        _check_rows_tensor("mask", mask, like, like_name, (torch.bool,))
+        active = mask.reshape(-1)
+    if labels is None:
+        return None, active
+    _check_rows_tensor("labels", labels, like, like_name, LABEL_DTYPES)
+    flat = labels.reshape(-1).long()
+    valid = flat != ignore_index
+    if check_range:
+        _check_label_range(flat, valid, vocab, ignore_index)
+    return flat, valid if active is None else active & valid
+
+
+def _check_rows_tensor(name: str, t: Tensor, like: Tensor, like_name: str, dtypes: tuple[torch.dtype, ...]) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if t.shape != logits.shape[:-1]:
-        raise ValueError(f"{name} must have shape {tuple(logits.shape[:-1])} (logits without the last dim), got {tuple(t.shape)}")
-    if t.device != logits.device:
-        raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+    if t.shape != like.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(like.shape[:-1])} ({like_name} without the last dim), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 
 def _check_label_range(labels: Tensor, valid: Tensor, vocab: int, ignore_index: int) -> None:

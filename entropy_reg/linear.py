@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .entropy import LOGIT_DTYPES, _check_label_range, _check_rows_tensor, _check_temperature
+from .entropy import LOGIT_DTYPES, _check_temperature, flat_rows
 from .vocab_parallel import group_layout, label_logits, localize, merge_over_group, merge_parts, part_backward, part_stats
 
 _WEIGHT_BLOCK_BYTES = 256 << 20  # float32 weight-gradient block
@@ -59,7 +59,6 @@ _TILE_ELEMS = {"cpu": 1 << 20}  # logits per tile: 4 MiB float32 on CPU, cache-s
 _TILE_ELEMS_DEFAULT = 1 << 27  # GPUs: 8192-wide blocks ran the GEMMs ~4% slower than 16384 (H200)
 # Each tile's GEMM reads a whole weight block: fewer rows than this and it is bound by that read.
 _MIN_TILE_ROWS = 256
-_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def default_tiles(num_rows: int, vocab: int, hidden: int, device: torch.device, chunk_size: int | None) -> tuple[int, int]:
@@ -120,17 +119,8 @@ def linear_token_entropy(
     backend = kernels.resolve(backend, hidden.device)
     world = group_layout(process_group)[1] if process_group is not None else 1
     lead = hidden.shape[:-1]
-    active = None
-    if mask is not None:
-        _check_rows_tensor("mask", mask, hidden, (torch.bool,))
-        active = mask.reshape(-1)
-    flat_labels = None
-    if labels is not None:
-        _check_rows_tensor("labels", labels, hidden, _LABEL_DTYPES)
-        flat_labels = labels.reshape(-1).long()
-        valid = flat_labels != ignore_index
-        _check_label_range(flat_labels, valid, weight.shape[0] * world, ignore_index)
-        active = valid if active is None else active & valid
+    # Always range-checked: one host sync is small beside the GEMMs, and tiles index labels directly.
+    flat_labels, active = flat_rows(labels, mask, hidden, "hidden", weight.shape[0] * world, ignore_index, True)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     rows, block = default_tiles(h2.shape[0], weight.shape[0], h2.shape[1], hidden.device, chunk_size)
     args = (h2, weight, bias, flat_labels, active, 1.0 / float(temperature), backend, rows, block)
