@@ -113,6 +113,8 @@ def merge_over_group(
     size = torch.tensor([vocab_local, -vocab_local], dtype=torch.float32, device=lse_k.device)
     top = torch.cat([lse_k, size])
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    # A host sync every call, on purpose: caching "already checked" per rank lets one rank skip the
+    # check while another raises, and the next collective then hangs (seen in the 2-rank tests).
     m, (v_max, v_min_neg) = top[:-2], top[-2:].tolist()
     if v_max != -v_min_neg:
         raise ValueError(
