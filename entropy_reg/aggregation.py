@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributed import as_count, as_scalar
+from .checks import as_count, as_scalar
 
 __all__ = ["aggregate", "AGG_MODES"]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .distributed import as_count, as_scalar
+from .checks import as_count, as_scalar
 
 __all__ = ["GlobalCoefficientController", "COEF_RULES", "DEFAULT_LR", "DEFAULT_MAX_VALUE"]
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import as_scalar
+from .checks import as_scalar
 
 __all__ = ["DifficultyAllocator", "DIFFICULTY_RULES", "GroupIds", "group_index"]
 

@@ -6,22 +6,19 @@ masked sum and the token count together (one collective) whenever
 ``torch.distributed`` is initialized, so the result is the token-weighted mean
 over the global batch, identical on every rank.
 
-:func:`as_scalar` and :func:`as_count` are the argument checks shared by the
-controllers: a number, a 0-d tensor or a one-element tensor becomes a Python
-float (or int) that is finite and in range, else a ValueError/TypeError that
-names the argument.
+``as_scalar`` and ``as_count`` are re-exported from :mod:`entropy_reg.checks`,
+where they live, for code that imported them from here.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .checks import as_count, as_scalar
 
 __all__ = ["masked_mean", "all_reduce_sum", "dist_active", "as_scalar", "as_count"]
 
@@ -99,50 +96,3 @@ def _valid_mask(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask.device != values.device:
         raise ValueError(f"mask is on {mask.device} but values are on {values.device}")
     return mask if mask.dtype == torch.bool else mask != 0
-
-
-def as_scalar(
-    value: Any,
-    name: str,
-    *,
-    low: float | None = None,
-    low_inclusive: bool = True,
-    high: float | None = None,
-) -> float:
-    """``value`` (a real number, or a tensor/array with one element) as a finite Python float.
-
-    Raises TypeError for anything else (bools included) and ValueError, naming
-    ``name``, when the number is NaN, infinite, or outside ``[low, high]``
-    (``(low, high]`` when ``low_inclusive`` is False).
-    """
-    if isinstance(value, (Tensor, np.ndarray)):
-        real = (
-            not (value.dtype == torch.bool or value.is_complex())
-            if isinstance(value, Tensor)
-            else value.dtype.kind in "iuf"
-        )
-        if not real:
-            raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")
-        if (value.numel() if isinstance(value, Tensor) else value.size) != 1:
-            raise ValueError(f"{name} must hold exactly one number, got shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {out}")
-    if low is not None and (out < low or (out == low and not low_inclusive)):
-        bound = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name} must be {bound} {low}, got {out}")
-    if high is not None and out > high:
-        raise ValueError(f"{name} must be <= {high}, got {out}")
-    return out
-
-
-def as_count(value: Any, name: str, *, low: int = 0) -> int:
-    """``value`` as a Python int >= ``low`` (integral types only: 2.0 is a TypeError)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)

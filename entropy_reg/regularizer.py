@@ -35,7 +35,7 @@ from torch import Tensor
 from .aggregation import aggregate
 from .controller import DEFAULT_MAX_VALUE, GlobalCoefficientController
 from .difficulty import DifficultyAllocator, GroupIds
-from .distributed import as_scalar
+from .checks import as_scalar
 from .target import AnchoredTarget
 
 __all__ = ["AERConfig", "AdaptiveEntropyRegularizer"]

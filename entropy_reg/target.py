@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .distributed import as_count, as_scalar
+from .checks import as_count, as_scalar
 
 __all__ = ["AnchoredTarget"]
 
