@@ -210,10 +210,9 @@ def test_training_logs_describe_the_batches_trained_on(tmp_path):
     assert trainer.aer.allocator.stats["accuracy"] == pytest.approx(train_accuracy)
 
 
-
 def test_a_step_logs_each_batch_it_trains_on(tmp_path):
     """steps_per_generation 1 < accumulation 2: one optimizer step trains on two generation batches, one prompt
-    each, one always solved and one never; the step logs both accuracies (1 and 0), once each."""
+    each, one always solved and one never; the step logs both accuracies (1 and 0), once each. Nothing is stubbed."""
 
     def reward(prompts, completions, **kwargs):
         return [1.0 if p == "b c" else 0.0 for p in prompts]
