@@ -7,8 +7,6 @@ token t of sample i is the entropy of the logits row that predicts it (row
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -26,7 +24,7 @@ from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 from entropy_reg.integrations import STATE_FILE  # noqa: E402
 from entropy_reg.integrations.verl import (  # noqa: E402
     COEF_KEY,
-    AERTrainerMixin,
+    AERLoss,
     VerlAER,
     aer_ppo_loss,
     make_loss_fn,
@@ -284,75 +282,72 @@ def test_loss_fn_refuses_double_bonus_and_missing_inputs():
         VerlAER().attach(DataProto.from_single_dict({"token_level_scores": torch.ones(2, 3)}))
 
 
-class _StubTrainer:
-    """The five RayPPOTrainer methods the mixin extends, with verl's return types."""
-
-    def __init__(self, config):
-        self.config = config
-        self.global_steps = 0
-        self.loss_fns = []
-        self.seen_coef = None
-
-    def init_workers(self):
-        test = self
-
-        class _WG:
-            def set_loss_fn(self, fn):
-                test.loss_fns.append(fn)
-
-        self.actor_rollout_wg = _WG()
-
-    def _compute_old_log_prob(self, batch):
-        ent = torch.full(batch.batch["response_mask"].shape, 0.3)
-        return DataProto.from_single_dict({"old_log_probs": torch.zeros_like(ent), "entropys": ent}), 0.5
-
-    def _update_actor(self, batch):
-        self.seen_coef = batch.batch[COEF_KEY].clone()
-        return DataProto.from_single_dict(data={}, meta_info={"metrics": {"actor/pg_loss": 0.1}})
-
-    def _save_checkpoint(self):
-        pass
-
-    def _load_checkpoint(self):
-        self.global_steps = 2 if self.config.trainer.resume_mode == "auto" else 0
-        return self.global_steps
+def test_prefix_names_the_worker_metric():
+    """VerlAER(prefix=...) names the driver metrics and the worker's bonus metric alike."""
+    data, logits, _, _, offsets = make_inputs("nested")
+    set_global(data, dp=1, tokens=None, seqs=None)
+    cfg = actor_config("token-mean")
+    fn = VerlAER(prefix="run7/aer/").loss_fn(cfg)
+    _, metrics = fn(model_output=model_output(logits, offsets), data=data)
+    assert "run7/aer/bonus" in metrics and "actor/aer/bonus" not in metrics
+    _, metrics = aer_ppo_loss(cfg, model_output(logits, offsets), data, prefix="p/")
+    assert "p/bonus" in metrics
+    assert "run7/aer/coef" in VerlAER(prefix="run7/aer/").update(torch.ones(1, 2), torch.ones(1, 2))
 
 
-class _Trainer(AERTrainerMixin, _StubTrainer):
-    pass
+def test_loss_keeps_the_loss_verl_would_have_chosen():
+    """ppo_loss without distillation, distillation_ppo_loss with it (as ActorRolloutRefWorker.init_model
+    picks); whatever the base, the result is base + the AER term, and distillation's top-k logits
+    processor call (student_logits=...) reaches the base untouched."""
+    import pickle
+    from types import SimpleNamespace
+
+    from verl.trainer.distillation import distillation_ppo_loss
+
+    cfg = actor_config("seq-mean-token-mean")
+    plain = make_loss_fn(cfg, SimpleNamespace(enabled=False))
+    assert isinstance(plain, AERLoss) and plain.base.func is ppo_loss and plain.base.keywords["config"] is cfg
+    distill = SimpleNamespace(enabled=True)
+    fn = make_loss_fn(cfg, distill)
+    assert fn.base.func is distillation_ppo_loss and fn.base.keywords["distillation_config"] is distill
+    assert pickle.loads(pickle.dumps(plain)).base.func is ppo_loss  # Ray pickles it to the workers
+
+    calls = []
+
+    def base(**kwargs):
+        calls.append(kwargs)
+        if kwargs.get("student_logits") is not None:
+            return {"topk_loss": torch.zeros(3)}
+        return torch.tensor(0.25, dtype=torch.float64), {"distillation/loss": 0.25}
+
+    data, logits, coef, mask, offsets = make_inputs("nested")
+    set_global(data, dp=1, tokens=None, seqs=None)
+    wrapped = AERLoss(base, cfg)
+    out = wrapped(student_logits=torch.ones(1, 3, V), data=data)
+    assert set(out) == {"topk_loss"} and calls[-1]["student_logits"].shape == (1, 3, V)
+    total, metrics = wrapped(model_output=model_output(logits, offsets), data=data, dp_group=None)
+    ref = reference_term("seq-mean-token-mean", [l.detach() for l in logits], coef, mask, list(range(B)))
+    assert total.item() == pytest.approx(0.25 + ref.item(), rel=1e-6)
+    assert metrics["distillation/loss"] == 0.25 and "actor/aer/bonus" in metrics
+    assert calls[-1]["dp_group"] is None and "student_logits" not in calls[-1]
 
 
-def test_trainer_mixin_wires_update_attach_metrics_and_checkpoint(tmp_path):
-    cfg = OmegaConf.create({
-        "trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto"},
-        "actor_rollout_ref": {"actor": {"_target_": "verl.workers.config.ActorConfig", "strategy": "fsdp",
-                                        "ppo_mini_batch_size": 4, "ppo_micro_batch_size_per_gpu": 2,
-                                        "rollout_n": 2, "entropy_coeff": 0.0, "calculate_entropy": True}},
-    })
-    trainer = _Trainer(cfg, aer=AERConfig(initial_entropy=1.0, coef_init=0.001))
-    trainer.init_workers()
-    assert trainer.loss_fns and trainer.loss_fns[0].func is aer_ppo_loss
+def test_padding_rows_take_no_part_in_the_allocation():
+    """verl v1's synthetic padding samples: coefficient 0, and the real rows get exactly what they
+    would get without the padding (the mean-1 normalization is over real rows only)."""
     batch = grpo_batch()
-    trainer._compute_old_log_prob(batch)
-    out = trainer._update_actor(batch)
-    metrics = out.meta_info["metrics"]
-    assert metrics["actor/pg_loss"] == 0.1 and metrics["actor/aer/entropy"] == pytest.approx(0.3)
-    alpha = metrics["actor/aer/coef"]
-    assert alpha > 0.001  # entropy 0.3 < target 0.5: the coefficient rose
-    assert trainer.seen_coef.mean().item() == pytest.approx(alpha, rel=1e-5)
-    trainer.global_steps = 2
-    trainer._save_checkpoint()
-    assert (tmp_path / "global_step_2" / STATE_FILE).exists()
-    resumed = _Trainer(cfg, aer=AERConfig(initial_entropy=1.0, coef_init=0.001))
-    resumed._load_checkpoint()
-    assert resumed.aer.regularizer.value == alpha
-    assert math.isfinite(alpha)
-
-
-def test_trainer_mixin_reads_aer_section_of_the_config(tmp_path):
-    cfg = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "disable"},
-                            "aer": {"target_ratio": 0.25, "coef_rule": "sign"}})
-    trainer = _Trainer(cfg)
-    assert trainer.aer.regularizer.config == AERConfig(target_ratio=0.25, coef_rule="sign")
-    with pytest.raises(TypeError):
-        _Trainer(OmegaConf.create({"aer": {"no_such_setting": 1}}))
+    scores = batch.batch["token_level_scores"].sum(-1)
+    uid = batch.non_tensor_batch["uid"]
+    n = len(uid)
+    pad = 3
+    all_scores = torch.cat([scores, torch.zeros(pad)])
+    all_uid = np.concatenate([uid, np.array(["pad-x"] * pad, dtype=object)])
+    valid = np.array([True] * n + [False] * pad)
+    aer = VerlAER(AERConfig(coef_init=0.003))
+    coef, metrics = aer.coefficients(all_scores, all_uid, valid)
+    alone, _ = VerlAER(AERConfig(coef_init=0.003)).coefficients(scores, uid)
+    assert torch.equal(coef[:n], alone) and torch.equal(coef[n:], torch.zeros(pad))
+    assert coef[:n].double().mean().item() == pytest.approx(0.003, rel=1e-6)
+    assert metrics["actor/aer/coef_mean"] == pytest.approx(0.003, rel=1e-6)
+    with pytest.raises(ValueError, match="one per response"):
+        aer.coefficients(all_scores, all_uid, valid[:-1])
