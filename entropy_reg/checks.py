@@ -7,6 +7,11 @@
 - A *count* is an integral number (Python or numpy int, or a one-element integer
   tensor / array); ``2.0`` is not a count.
 - A *flag* is ``True`` or ``False`` (Python or numpy bool); ``"no"`` and ``1`` are not.
+- A *sequence* is anything registered as ``collections.abc.Sequence`` (list,
+  tuple, ``range``, ...) except text (``str``, ``bytes``); tensors and arrays are
+  handled by the callers, which keep them vectorized.
+- A *state* (``load_state_dict``'s argument) is a dict with exactly the expected
+  keys: a missing key and an unknown one are both errors (torch's strict rule).
 
 Each check returns a plain Python value or raises TypeError (wrong kind) or
 ValueError (right kind, out of range) with a message that names the argument.
@@ -16,13 +21,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_scalar", "as_count", "as_flag"]
+__all__ = ["as_scalar", "as_count", "as_flag", "as_sequence", "as_state"]
 
 
 def _unwrap(value: Any, name: str) -> Any:
@@ -83,3 +89,24 @@ def as_flag(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def as_sequence(value: Any, name: str) -> list[Any]:
+    """The elements of ``value`` as a list; any ``collections.abc.Sequence`` but text qualifies."""
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence (list, tuple, range, ...), got {type(value).__name__}")
+    return list(value)
+
+
+def as_state(state: Any, keys: Iterable[str], name: str = "state") -> dict[str, Any]:
+    """``state`` itself once it is a dict with exactly ``keys`` (TypeError / ValueError otherwise)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{name} must be a dict, got {type(state).__name__}")
+    expected = set(keys)
+    missing, unknown = expected - set(state), set(state) - expected
+    if missing or unknown:
+        raise ValueError(
+            f"{name} must have exactly the keys {sorted(expected)}: missing {sorted(missing)}, "
+            f"unknown {sorted(map(str, unknown))}"
+        )
+    return state
