@@ -1,13 +1,15 @@
-"""Reduce a per-token loss matrix ``[B, T]`` to a scalar, with verl's four ``loss_agg_mode`` s.
+"""Reduce a per-token loss matrix ``[B, T]`` to a scalar, with verl's five ``loss_agg_mode`` s.
 
-Semantics follow ``verl.trainer.ppo.core_algos.agg_loss`` (current version,
-with ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` /
+Semantics follow ``verl.trainer.ppo.core_algos.agg_loss`` of verl 0.9.1 (with
+``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` /
 ``loss_scale_factor``), so a term aggregated here adds to verl's policy loss
 with the same weighting. With ``m`` the mask, ``n_i = sum_t m_it`` and
 ``S = {i : n_i > 0}`` the non-empty sequences:
 
 - ``token-mean``: ``dp * sum_{i,t} m_it v_it / N``, ``N`` = ``batch_num_tokens``
   (default: this micro-batch's ``sum m``);
+- ``token-sum``: ``dp * sum_{i,t} m_it v_it`` (no denominator: the gradient
+  averaged over ranks is that of the global token sum);
 - ``seq-mean-token-sum``: ``dp * sum_{i in S} sum_t m_it v_it / B``, ``B`` =
   ``global_batch_size`` (default: ``|S|``);
 - ``seq-mean-token-mean``: ``dp * sum_{i in S} (sum_t m_it v_it / n_i) / B``;
@@ -22,9 +24,16 @@ each rank scales its share of the global numerator by ``dp`` and divides by the
 global denominator; the average over ranks is then the global aggregate. With
 ``dp_size > 1`` the global denominator is required (a local one would be wrong).
 
-An all-masked micro-batch gives 0 (connected to the graph, gradient 0), as in
-verl. Entries outside the mask are never read into the sum, so NaN padding
-cannot leak in. Units: those of ``values``.
+An all-masked micro-batch gives 0 in every mode, connected to the graph with
+gradient 0. verl 0.9.1 differs in the value only: where the denominator is the
+local one (``batch_num_tokens`` / ``global_batch_size`` not given) its
+``agg_loss`` divides 0 by 0 and returns NaN (``token-sum`` and the modes given a
+global denominator return 0); its gradient is 0 as well. For an additive bonus
+0 is the right value: a micro-batch without tokens adds nothing to the
+objective, and a NaN term would turn ``policy_loss + bonus`` (and every log and
+NaN guard that reads it) into NaN although no token is affected.
+Entries outside the mask are never read into the sum, so NaN padding cannot
+leak in. Units: those of ``values``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from .checks import as_count, as_scalar
 
 __all__ = ["aggregate", "AGG_MODES"]
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def aggregate(
@@ -68,6 +77,8 @@ def aggregate(
     if mode == "token-mean":
         denom = _denominator(batch_num_tokens, "batch_num_tokens", weights.sum(), dp)
         return masked.sum() / denom * dp
+    if mode == "token-sum":
+        return masked.sum() * dp
     seq_tokens = weights.sum(dim=-1)
     nonempty = seq_tokens > 0
     seq = masked.sum(dim=-1)

@@ -32,9 +32,10 @@ LLM RL lie between 1e-4 and 1e-2):
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
-from .checks import as_count, as_scalar
+from .checks import as_count, as_scalar, as_state
 
 __all__ = ["GlobalCoefficientController", "COEF_RULES", "DEFAULT_LR", "DEFAULT_MAX_VALUE"]
 
@@ -92,10 +93,14 @@ class GlobalCoefficientController:
 
         ``entropy`` (>= 0) should already be reduced across ranks
         (:func:`entropy_reg.masked_mean`) so every rank computes the same alpha.
+        The relative error is floored at ``-sys.float_info.max`` where ``entropy / target``
+        overflows a float, so the state stays finite.
         """
         h = as_scalar(entropy, "entropy", low=0.0)
         t = as_scalar(target, "target", low=0.0, low_inclusive=False)
-        err = (t - h) / t
+        # e <= 1 always (h >= 0), but h / t overflows for a tiny target (H = 1, t = 1e-310);
+        # -float max is the same full step down and keeps the state finite (JSON-safe).
+        err = max((t - h) / t, -sys.float_info.max)
         alpha = self.value
         if self.lr > 0.0:  # lr == 0 would make 0 * inf = NaN for a huge entropy/target ratio
             if self.rule == "proportional":
@@ -115,17 +120,13 @@ class GlobalCoefficientController:
         """JSON-safe state: ``{"value", "steps", "last_error"}``."""
         return {"value": self.value, "steps": self.steps, "last_error": self.last_error}
 
-    def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = {"value", "steps", "last_error"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
+    def _parse_state(self, state: dict[str, Any], name: str = "state") -> dict[str, Any]:
+        state = as_state(state, ("value", "steps", "last_error"), name)
         last = state["last_error"]
         return {
-            "value": self._check_value(state["value"], "state['value']"),
-            "steps": as_count(state["steps"], "state['steps']"),
-            "last_error": None if last is None else as_scalar(last, "state['last_error']"),
+            "value": self._check_value(state["value"], f"{name}['value']"),
+            "steps": as_count(state["steps"], f"{name}['steps']"),
+            "last_error": None if last is None else as_scalar(last, f"{name}['last_error']", high=1.0),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

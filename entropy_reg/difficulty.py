@@ -20,6 +20,7 @@ all-zero batch stays all-zero). Weights are dimensionless.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import as_scalar
+from .checks import as_count, as_flag, as_scalar, as_sequence, as_state
 
 __all__ = ["DifficultyAllocator", "DIFFICULTY_RULES", "GroupIds", "group_index"]
 
@@ -39,35 +40,41 @@ _STAT_KEYS = ("accuracy", "solved_groups", "unsolved_groups", "mixed_groups", "w
 
 
 def group_index(group_ids: GroupIds, n: int) -> tuple[Tensor, int]:
-    """Map ``n`` group ids (ints, a tensor, a list, or a numpy array of strings/objects)
-    to ``(inverse[n] int64 on CPU, number of groups)``, ``inverse[i]`` in ``[0, G)``."""
+    """Map ``n`` group ids to ``(inverse[n] int64 on CPU, number of groups)``, ``inverse[i]`` in ``[0, G)``.
+
+    Ids are integers or strings, all of one kind: an integer tensor, an integer or
+    string numpy array, or any sequence (list, tuple, ``range``, an object array)
+    of Python / numpy ints, one-element integer tensors or strings. Floats and
+    bools are not ids (``1.0`` and ``True`` would silently merge with ``1``).
+    """
+    if isinstance(group_ids, (Tensor, np.ndarray)) and group_ids.ndim != 1:
+        raise ValueError(f"group_ids must be 1-D, got shape {tuple(group_ids.shape)}")
     if isinstance(group_ids, Tensor):
-        ids = group_ids.detach().cpu()
-    elif isinstance(group_ids, np.ndarray):
-        ids = group_ids
-    elif isinstance(group_ids, (list, tuple)):
-        # An object array, not np.asarray: that would silently turn 1 and "1" into the same "1";
-        # here mixing ints and strings is a TypeError below.
-        ids = np.empty(len(group_ids), dtype=object)
-        ids[:] = list(group_ids)
-    else:
-        raise TypeError(f"group_ids must be a tensor, a numpy array or a list, got {type(group_ids).__name__}")
-    if ids.ndim != 1:
-        raise ValueError(f"group_ids must be 1-D, got shape {tuple(ids.shape)}")
-    if len(ids) != n:
-        raise ValueError(f"group_ids has {len(ids)} entries but scores has {n}")
-    if isinstance(ids, Tensor):
-        if ids.is_floating_point() or ids.is_complex():
-            raise TypeError(f"group_ids must hold integers or strings, got dtype {ids.dtype}")
-        uniques, inverse = torch.unique(ids, return_inverse=True)
+        if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+            raise TypeError(f"group_ids must hold integers or strings, got dtype {group_ids.dtype}")
+        _check_length(len(group_ids), n)
+        uniques, inverse = torch.unique(group_ids.detach().cpu(), return_inverse=True)
         return inverse.long(), uniques.numel()
-    if ids.dtype.kind in "fc":
-        raise TypeError(f"group_ids must hold integers or strings, got dtype {ids.dtype}")
-    try:
-        uniques, inverse = np.unique(ids, return_inverse=True)
-    except TypeError as exc:  # e.g. ints mixed with strings in an object array
-        raise TypeError(f"group_ids must be mutually comparable (all ints or all strings): {exc}") from None
+    if isinstance(group_ids, np.ndarray) and group_ids.dtype.kind in "iuU":
+        ids = group_ids
+    elif isinstance(group_ids, np.ndarray) and group_ids.dtype.kind != "O":
+        raise TypeError(f"group_ids must hold integers or strings, got dtype {group_ids.dtype}")
+    else:  # any sequence, or an object array: element by element
+        items = list(group_ids) if isinstance(group_ids, np.ndarray) else as_sequence(group_ids, "group_ids")
+        items = [x if isinstance(x, str) else as_count(x, f"group_ids[{i}]", low=None) for i, x in enumerate(items)]
+        if len({isinstance(x, str) for x in items}) > 1:
+            raise TypeError("group_ids must be all integers or all strings, not a mix")
+        # An object array, not np.asarray: 1 and "1" are never merged, ints beyond int64 (hashes) stay exact.
+        ids = np.empty(len(items), dtype=object)
+        ids[:] = items
+    _check_length(len(ids), n)
+    uniques, inverse = np.unique(ids, return_inverse=True)
     return torch.from_numpy(np.asarray(inverse).reshape(-1).astype(np.int64)), len(uniques)
+
+
+def _check_length(length: int, n: int) -> None:
+    if length != n:
+        raise ValueError(f"group_ids has {length} entries but scores has {n}")
 
 
 class DifficultyAllocator:
@@ -99,12 +106,10 @@ class DifficultyAllocator:
                 raise ValueError(f"rule must be one of {DIFFICULTY_RULES} or a callable, got {rule!r}")
         elif not callable(rule):
             raise TypeError(f"rule must be a str or a callable, got {type(rule).__name__}")
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         self.rule = rule
         self.threshold = as_scalar(threshold, "threshold", low=0.0, low_inclusive=False, high=1.0)
         self.success_threshold = as_scalar(success_threshold, "success_threshold")
-        self.normalize = normalize
+        self.normalize = as_flag(normalize, "normalize")
         self.stats: dict[str, float] = {}
 
     def __call__(self, scores: Tensor | Sequence[float], group_ids: GroupIds) -> Tensor:
@@ -114,11 +119,13 @@ class DifficultyAllocator:
         """(accuracy per group [G] float64, group index per response [N], scores' device)."""
         if isinstance(scores, Tensor):
             s = scores
-        else:
-            try:
-                s = torch.as_tensor(np.asarray(scores, dtype=np.float64))
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"scores must be a tensor or a sequence of numbers: {exc}") from None
+        elif isinstance(scores, np.ndarray) and scores.dtype.kind in "iuf":
+            s = torch.from_numpy(scores.astype(np.float64))
+        elif isinstance(scores, np.ndarray) and scores.dtype.kind != "O":
+            raise TypeError(f"scores must be real numbers, got dtype {scores.dtype}")
+        else:  # any sequence of numbers (an object array counts as one), each checked as a number
+            items = list(scores) if isinstance(scores, np.ndarray) else as_sequence(scores, "scores")
+            s = torch.tensor([as_scalar(x, f"scores[{i}]") for i, x in enumerate(items)], dtype=torch.float64)
         if s.dim() != 1:
             raise ValueError(f"scores must be 1-D (one score per response), got shape {tuple(s.shape)}")
         if s.numel() == 0:
@@ -170,6 +177,8 @@ class DifficultyAllocator:
         acc, inverse, device = self._accuracies(scores, group_ids)
         weights = self._group_weights(acc)[inverse]
         raw_mean = float(weights.mean())
+        if raw_mean == math.inf:  # finite weights near the float maximum: their sum overflows
+            raise ValueError("rule returned weights whose mean overflows a float; scale them down")
         if self.normalize and raw_mean > 0.0:
             weights = weights / raw_mean
         self.stats = {
@@ -186,15 +195,13 @@ class DifficultyAllocator:
         """JSON-safe state: the last batch's statistics (weights depend on nothing else)."""
         return {"stats": dict(self.stats)}
 
-    def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        stats = state.get("stats")
+    def _parse_state(self, state: dict[str, Any], name: str = "state") -> dict[str, Any]:
+        stats = as_state(state, ("stats",), name)["stats"]
         if not isinstance(stats, dict):
-            raise ValueError("state['stats'] must be a dict")
-        if stats and set(stats) != set(_STAT_KEYS):
-            raise ValueError(f"state['stats'] must be empty or have the keys {sorted(_STAT_KEYS)}, got {sorted(stats)}")
-        return {"stats": {k: as_scalar(v, f"state['stats'][{k!r}]", low=0.0) for k, v in stats.items()}}
+            raise TypeError(f"{name}['stats'] must be a dict, got {type(stats).__name__}")
+        if stats:
+            as_state(stats, _STAT_KEYS, f"{name}['stats']")
+        return {"stats": {k: as_scalar(v, f"{name}['stats'][{k!r}]", low=0.0) for k, v in stats.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; validates everything before changing anything."""

@@ -35,7 +35,7 @@ from torch import Tensor
 from .aggregation import aggregate
 from .controller import DEFAULT_MAX_VALUE, GlobalCoefficientController
 from .difficulty import DifficultyAllocator, GroupIds
-from .checks import as_scalar
+from .checks import as_scalar, as_state
 from .target import AnchoredTarget
 
 __all__ = ["AERConfig", "AdaptiveEntropyRegularizer"]
@@ -185,14 +185,10 @@ class AdaptiveEntropyRegularizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; every part is validated before any is applied."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = {"allocator", "target", "controller", "last_entropy"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
-        allocator = self.allocator._parse_state(state["allocator"])
-        target = self.target._parse_state(state["target"])
-        controller = self.controller._parse_state(state["controller"])
+        state = as_state(state, ("allocator", "target", "controller", "last_entropy"))
+        allocator = self.allocator._parse_state(state["allocator"], "state['allocator']")
+        target = self.target._parse_state(state["target"], "state['target']")
+        controller = self.controller._parse_state(state["controller"], "state['controller']")
         last = state["last_entropy"]
         last = None if last is None else as_scalar(last, "state['last_entropy']", low=0.0)
         self.allocator._apply(allocator)

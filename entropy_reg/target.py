@@ -25,9 +25,10 @@ in nats.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from .checks import as_count, as_scalar
+from .checks import as_count, as_scalar, as_state
 
 __all__ = ["AnchoredTarget"]
 
@@ -66,9 +67,10 @@ class AnchoredTarget:
             raise ValueError("schedule_steps must be >= 1 when final_ratio is given")
         if self.final_ratio is None and self.schedule_steps != 0:
             raise ValueError("schedule_steps needs final_ratio (the ratio to move to)")
-        self._initial = (
-            None if initial_entropy is None else as_scalar(initial_entropy, "initial_entropy", low=0.0, low_inclusive=False)
-        )
+        self._initial: float | None = None
+        if initial_entropy is not None:
+            h0 = as_scalar(initial_entropy, "initial_entropy", low=0.0, low_inclusive=False)
+            self._initial = self._check_anchor(h0, "initial_entropy")
         self.anchor: float | None = self._initial
         self._warmup_sum = 0.0
         self._warmup_count = 0
@@ -86,6 +88,21 @@ class AnchoredTarget:
             return None
         return self.current_ratio * self.anchor
 
+    def _check_anchor(self, anchor: float, name: str) -> float:
+        """``anchor`` (nats) once every target it gives over the schedule is > 0 and finite.
+
+        ``r_k`` is monotone in ``k`` (so is each rounded operation of it), so the
+        extreme targets are those at the two ends of the schedule.
+        """
+        for ratio in (self._ratio_at(0), self._ratio_at(self.schedule_steps)):
+            target = ratio * anchor
+            if not 0.0 < target < math.inf:
+                raise ValueError(
+                    f"{name}: an anchor of {anchor} nats gives a target of {target} nats at ratio {ratio}; "
+                    "the target must be > 0 and finite"
+                )
+        return anchor
+
     def _ratio_at(self, k: int) -> float:
         if self.final_ratio is None:
             return self.ratio
@@ -97,10 +114,15 @@ class AnchoredTarget:
 
         Returns the target for this step, or None while the anchor is still
         being measured. The call that completes the warm-up returns a target.
+        An entropy that would make the warm-up sum overflow, or an anchor whose
+        target rounds to 0 or overflows anywhere on the schedule, raises
+        ValueError and changes nothing: the target is always positive and finite.
         """
         h = as_scalar(entropy, "entropy", low=0.0)
         if self.anchor is None:
             total = self._warmup_sum + h
+            if total == math.inf:
+                raise ValueError(f"entropy: {h} nats makes the warm-up sum of entropies overflow a float")
             count = self._warmup_count + 1
             if count < self.warmup_steps:
                 self._warmup_sum, self._warmup_count = total, count
@@ -108,6 +130,7 @@ class AnchoredTarget:
             anchor = total / count
             if anchor <= 0.0:
                 raise ValueError("entropy: the warm-up entropies average to 0, an anchor must be > 0 nats")
+            self._check_anchor(anchor, "entropy")
             self._warmup_sum, self._warmup_count, self.anchor = total, count, anchor
         self._anchored_updates += 1
         return self.value
@@ -121,24 +144,23 @@ class AnchoredTarget:
             "anchored_updates": self._anchored_updates,
         }
 
-    def _parse_state(self, state: dict[str, Any]) -> dict[str, Any]:
+    def _parse_state(self, state: dict[str, Any], name: str = "state") -> dict[str, Any]:
         """Check ``state`` against this object's settings; returns it normalized, changes nothing."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = {"anchor", "warmup_sum", "warmup_count", "anchored_updates"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
-        anchor = None if state["anchor"] is None else as_scalar(state["anchor"], "state['anchor']", low=0.0, low_inclusive=False)
+        state = as_state(state, ("anchor", "warmup_sum", "warmup_count", "anchored_updates"), name)
+        anchor = state["anchor"]
+        if anchor is not None:
+            key = f"{name}['anchor']"
+            anchor = self._check_anchor(as_scalar(anchor, key, low=0.0, low_inclusive=False), key)
         parsed = {
             "anchor": anchor,
-            "warmup_sum": as_scalar(state["warmup_sum"], "state['warmup_sum']", low=0.0),
-            "warmup_count": as_count(state["warmup_count"], "state['warmup_count']"),
-            "anchored_updates": as_count(state["anchored_updates"], "state['anchored_updates']"),
+            "warmup_sum": as_scalar(state["warmup_sum"], f"{name}['warmup_sum']", low=0.0),
+            "warmup_count": as_count(state["warmup_count"], f"{name}['warmup_count']"),
+            "anchored_updates": as_count(state["anchored_updates"], f"{name}['anchored_updates']"),
         }
         if anchor is None and (parsed["anchored_updates"] or parsed["warmup_count"] >= self.warmup_steps):
-            raise ValueError("state['anchor'] is None but the state says the warm-up is over")
+            raise ValueError(f"{name}['anchor'] is None but the state says the warm-up is over")
         if anchor is None and self._initial is not None:
-            raise ValueError("state['anchor'] is None but this target was built with initial_entropy")
+            raise ValueError(f"{name}['anchor'] is None but this target was built with initial_entropy")
         return parsed
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

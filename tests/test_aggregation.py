@@ -1,6 +1,10 @@
-"""aggregate(): verl's four loss_agg_modes against float64 loop references, gradients, dp splits."""
+"""aggregate(): verl's five loss_agg_modes against float64 loop references and verl 0.9.1's own
+agg_loss, gradients, dp splits, all-masked micro-batches."""
 
 from __future__ import annotations
+
+import inspect
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +25,8 @@ def reference(v, m, mode, dp=1, tokens=None, seqs=None, scale=None):
         num = sum(v[i, t] * m[i, t] for i in rows for t in range(v.shape[1]) if m[i, t] != 0)
         n = m.sum() if tokens is None else tokens
         return 0.0 if n == 0 else num / n * dp
+    if mode == "token-sum":
+        return sum(v[i, t] * m[i, t] for i in rows for t in range(v.shape[1]) if m[i, t] != 0) * dp
     per_seq = []
     for i in rows:
         n_i = m[i].sum()
@@ -166,3 +172,56 @@ def test_bad_arguments(kwargs, name, error):
 def test_bad_tensors(values, mask, name, error):
     with pytest.raises(error, match=name):
         aggregate(values, mask)
+
+
+verl_agg_loss = pytest.importorskip("verl.trainer.ppo.core_algos").agg_loss  # installed by `make test`
+
+
+def test_modes_are_those_verl_accepts():
+    # verl 0.9.1's ActorConfig checks loss_agg_mode against a literal list inside a method.
+    import verl
+    from verl.workers.config.actor import ActorConfig
+
+    listed = re.search(r"valid_loss_agg_modes = \[(.*?)\]", inspect.getsource(ActorConfig), re.S)
+    assert verl.__version__ == "0.9.1" and listed is not None
+    assert sorted(re.findall(r'"([a-z-]+)"', listed.group(1))) == sorted(AGG_MODES)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@SETTINGS
+@given(problem=problems(), dp=st.integers(min_value=1, max_value=4), float_mask=st.booleans())
+def test_matches_verl_agg_loss(mode, problem, dp, float_mask):
+    """Same value and gradient as verl's own agg_loss wherever verl's value is a number."""
+    values, mask = problem
+    mask = mask.to(torch.float64) if float_mask else mask
+    kwargs = dict(batch_num_tokens=7, global_batch_size=3, loss_scale_factor=5) if dp > 1 else {}
+    ours_v = values.clone().requires_grad_(True)
+    theirs_v = values.clone().requires_grad_(True)
+    ours = aggregate(ours_v, mask, mode, dp_size=dp, **kwargs)
+    theirs = verl_agg_loss(theirs_v, mask, mode, dp_size=dp, **kwargs)
+    ours.backward()
+    theirs.backward()
+    if torch.isnan(theirs):  # only an all-masked micro-batch with local denominators: see below
+        assert not mask.any() and dp == 1 and ours.item() == 0.0
+    else:
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-7, abs=1e-12)  # verl adds 1e-8 to n_i
+    np.testing.assert_allclose(ours_v.grad.numpy(), theirs_v.grad.numpy(), rtol=1e-7, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("global_denominators", [False, True])
+def test_all_masked_micro_batch_against_verl(mode, global_denominators):
+    # What aggregation.py's docstring says verl 0.9.1 does: NaN where it divides 0 by a local 0,
+    # 0 for token-sum and with global denominators; gradient 0 either way. Ours is always 0.
+    kwargs = dict(dp_size=2, batch_num_tokens=10, global_batch_size=4) if global_denominators else {}
+    for mask in (torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3)):
+        v = torch.randn(2, 3, requires_grad=True)
+        theirs = verl_agg_loss(v, mask, mode, **kwargs)
+        theirs.backward()
+        verl_nan = not global_denominators and mode != "token-sum"
+        assert bool(torch.isnan(theirs)) == verl_nan
+        assert (v.grad == 0).all()
+        w = v.detach().clone().requires_grad_(True)
+        ours = aggregate(w, mask, mode, **kwargs)
+        ours.backward()
+        assert ours.item() == 0.0 and (w.grad == 0).all()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+
+import numpy as np
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entropy_reg.controller import DEFAULT_LR, DEFAULT_MAX_VALUE, GlobalCoefficientController
+from tests.resume import arguments, check_resume, finite, json_round_trip
 
 SETTINGS = settings(max_examples=40, deadline=None)
 entropies = st.floats(min_value=0.0, max_value=20.0, allow_nan=False)
@@ -188,6 +192,85 @@ def test_bad_update_leaves_state(entropy, target, name):
     ],
 )
 def test_bad_state_leaves_state(state, name):
+    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c.update(0.5, 1.0)
+    before = c.state_dict()
+    with pytest.raises((ValueError, TypeError), match=name):
+        c.load_state_dict(state)
+    assert c.state_dict() == before
+
+
+@st.composite
+def controllers(draw):
+    """A valid controller config, with settings from the edges of the float range."""
+    rule = draw(st.sampled_from(["proportional", "sign", "log"]))
+    lo, hi = sorted([draw(finite), draw(finite)])
+    if rule == "log" and lo == 0.0:
+        lo = draw(st.sampled_from([5e-324, 1e-310, 1e-5]))
+        hi = max(lo, hi)
+    return dict(initial=draw(st.sampled_from([lo, hi])), lr=draw(st.one_of(st.none(), finite)), min_value=lo, max_value=hi, rule=rule)
+
+
+@settings(max_examples=150, deadline=None)
+@given(config=controllers(), calls=st.lists(st.tuples(arguments, arguments), max_size=10))
+def test_every_reachable_state_is_json_safe_and_resumes_exactly(config, calls):
+    check_resume(
+        lambda: GlobalCoefficientController(**config),
+        [lambda c, h=h, t=t: c.update(h, t) for h, t in calls],
+    )
+
+
+def test_tiny_target_keeps_the_state_finite():
+    # Regression (issue 11): H / target overflowed, last_error = -inf, and the state could
+    # neither be dumped with allow_nan=False nor loaded back.
+    c = GlobalCoefficientController(5e-3, lr=1e-4)
+    assert c.update(1.0, 1e-310) == 0.0  # the full step down, clipped at min_value
+    assert c.last_error == -sys.float_info.max
+    resumed = GlobalCoefficientController(5e-3, lr=1e-4)
+    resumed.load_state_dict(json_round_trip(c.state_dict()))
+    assert resumed.state_dict() == c.state_dict()
+    assert resumed.update(0.5, 1.0) == c.update(0.5, 1.0) == pytest.approx(0.5e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["proportional", "sign", "log"])
+def test_huge_lr_times_error_stays_clipped(rule):
+    # lr * e = -inf (and exp(-inf) = 0 for the log rule) must land on min_value, never NaN.
+    c = GlobalCoefficientController(1e-3, lr=sys.float_info.max, min_value=1e-5, max_value=1e-2, rule=rule)
+    assert c.update(1.0, 1e-310) == 1e-5
+    assert c.update(0.0, 1.0) == 1e-2
+    json_round_trip(c.state_dict())
+
+
+@pytest.mark.parametrize("bad", [10**400, -(10**400)])
+def test_huge_python_ints_are_not_finite(bad):
+    # Regression (issue 11): float(10**400) raised OverflowError (fails on d15f0c3; fixed by checks.py in 96176c8).
+    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    with pytest.raises(ValueError, match="entropy"):
+        c.update(bad, 1.0)
+    with pytest.raises(ValueError, match="target"):
+        c.update(0.5, bad)
+    assert c.steps == 0
+
+
+def test_numbers_of_every_kind_are_numbers():
+    kinds = [0.5, np.float32(0.5), np.float64(0.5), np.int64(1), torch.tensor(0.5, dtype=torch.bfloat16), np.array(0.5)]
+    for h in kinds:
+        for t in kinds:
+            c = GlobalCoefficientController(0.0, lr=1e-3, max_value=1.0)
+            assert c.update(h, t) == pytest.approx(max(1e-3 * (float(t) - float(h)) / float(t), 0.0), rel=1e-12, abs=1e-18)
+
+
+@pytest.mark.parametrize(
+    "state, name",
+    [
+        ({"value": 1e-3, "steps": 1, "last_error": 0.5, "lr": 1.0}, "unknown"),  # strict like torch
+        ({"value": 1e-3, "steps": 1, "last_error": 0.5, "extra": None}, "extra"),
+        ({"value": 1e-3, "last_error": 0.5}, "steps"),
+        ({"value": 1e-3, "steps": 1, "last_error": 1.5}, "last_error"),  # e <= 1 always
+        ([("value", 1e-3)], "state"),
+    ],
+)
+def test_load_state_is_strict(state, name):
     c = GlobalCoefficientController(1e-3, lr=1e-3)
     c.update(0.5, 1.0)
     before = c.state_dict()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entropy_reg.difficulty import DifficultyAllocator, group_index
+from tests.resume import arguments, check_resume, finite
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -231,3 +234,126 @@ def test_bad_state_leaves_state():
         with pytest.raises((ValueError, TypeError), match="stats"):
             alloc.load_state_dict(bad)
         assert alloc.state_dict() == before
+
+
+def test_any_sequence_of_ids_is_a_sequence():
+    # Regression (issue 11): range(n) was rejected while a list of floats was accepted.
+    scores = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    ids = [0, 1, 2, 3, 4, 5]
+    want, _ = reference(scores, ids, "linear")
+    alloc = DifficultyAllocator()
+    variants = [
+        range(6),
+        collections.deque(ids),
+        [np.int64(i) for i in ids],
+        [torch.tensor(i) for i in ids],  # one-element integer tensors are counts too
+        np.array(ids, dtype=object),
+        [2**70 + i for i in ids],  # beyond int64 (hashed prompt ids) stays exact
+        np.array([f"p{i}" for i in ids]),
+    ]
+    for group_ids in variants:
+        np.testing.assert_allclose(alloc(scores, group_ids).numpy(), want, rtol=1e-6)
+    # two ids 1 apart above 2**63 are two groups, not one (a float64 round trip would merge them)
+    inverse, n = group_index([2**64, 2**64 + 1], 2)
+    assert n == 2 and inverse.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "ids, error",
+    [
+        ([0.0, 1.0], TypeError),  # floats are not ids: 1.0 and 1 would merge
+        ([0, 1.5], TypeError),
+        ([True, False], TypeError),
+        (np.array([True, False]), TypeError),
+        (torch.tensor([True, False]), TypeError),
+        (np.array([0.0, 1.0]), TypeError),
+        ([b"a", b"b"], TypeError),  # ids are integers or str, in a list or an array alike
+        (np.array([b"a", b"b"]), TypeError),
+        ("ab", TypeError),  # text is not a sequence of ids
+        ({0: 0, 1: 1}, TypeError),
+        ([[0], [1]], TypeError),
+        (range(3), ValueError),
+        (np.array(["a", "b"], dtype=object).reshape(1, 2), ValueError),
+    ],
+)
+def test_ids_that_are_not_ids(ids, error):
+    alloc = DifficultyAllocator()
+    alloc([1.0, 0.0], [0, 0])
+    before = alloc.state_dict()
+    with pytest.raises(error, match="group_ids"):
+        alloc([1.0, 0.0], ids)
+    assert alloc.state_dict() == before
+
+
+def test_scores_of_every_kind():
+    want, _ = reference([1.0, 0.0, 0.0, 0.0], [0, 0, 1, 1], "linear")
+    alloc = DifficultyAllocator()
+    for scores in (
+        [1, 0, 0, 0],
+        (np.float32(1.0), np.float64(0.0), torch.tensor(0.0), np.int8(0)),
+        range(1, -3, -1),  # 1, 0, -1, -2
+        np.array([1, 0, 0, 0], dtype=np.int16),
+        np.array([1.0, 0.0, 0.0, 0.0], dtype=object),
+    ):
+        np.testing.assert_allclose(alloc(scores, [0, 0, 1, 1]).numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scores, error",
+    [
+        ([1.0, 10**400], ValueError),  # was OverflowError
+        ([True, False], TypeError),  # bools are not numbers
+        (np.array([True, False]), TypeError),
+        ([1.0, None], TypeError),
+        ("10", TypeError),
+        (np.array(["1", "0"]), TypeError),
+    ],
+)
+def test_scores_that_are_not_numbers(scores, error):
+    alloc = DifficultyAllocator()
+    with pytest.raises(error, match="scores"):
+        alloc(scores, [0, 1])
+    assert alloc.stats == {}
+
+
+def test_normalize_is_a_flag():
+    assert DifficultyAllocator(normalize=np.bool_(False)).normalize is False
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="normalize"):
+            DifficultyAllocator(normalize=bad)
+
+
+def test_weights_whose_mean_overflows_are_rejected():
+    # Finite weights near the float maximum: their mean (a state entry) would be inf.
+    alloc = DifficultyAllocator(lambda acc: torch.full_like(acc, sys.float_info.max))
+    alloc([1.0], [0])
+    before = alloc.state_dict()
+    with pytest.raises(ValueError, match="rule"):
+        alloc([1.0, 0.0], [0, 1])
+    assert alloc.state_dict() == before
+
+
+def test_load_state_is_strict():
+    alloc = DifficultyAllocator()
+    alloc([1.0, 0.0], [0, 0])
+    before = alloc.state_dict()
+    for bad in ({**before, "rule": "linear"}, {"stats": {**before["stats"], "extra": 1.0}}, ["stats"]):
+        with pytest.raises((ValueError, TypeError), match="state"):
+            alloc.load_state_dict(bad)
+        assert alloc.state_dict() == before
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.lists(arguments, min_size=1, max_size=4), st.lists(st.integers(0, 2), min_size=1, max_size=4)),
+        max_size=6,
+    ),
+    scale=finite,
+)
+def test_every_reachable_state_is_json_safe_and_resumes_exactly(calls, scale):
+    def make() -> DifficultyAllocator:
+        # a callable rule with weights up to `scale` (finite, possibly the float maximum)
+        return DifficultyAllocator(lambda acc: (1.0 - acc) * scale)
+
+    check_resume(make, [lambda a, s=s, g=g: a(s, g) for s, g in calls])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from entropy_reg.aggregation import AGG_MODES
 from entropy_reg.regularizer import AdaptiveEntropyRegularizer, AERConfig
+from tests.resume import arguments, check_resume, finite, json_round_trip
 
 
 def _reg(**kw) -> AdaptiveEntropyRegularizer:
@@ -41,6 +43,7 @@ def test_loss_value_and_gradient(agg):
     seq_sum = np.array([(c[i].item() * e[i] * m[i]).sum() for i in range(3)])
     ref = {
         "token-mean": seq_sum.sum() / m.sum(),
+        "token-sum": seq_sum.sum(),
         "seq-mean-token-sum": seq_sum.mean(),
         "seq-mean-token-mean": (seq_sum / n_i).mean(),
         "seq-mean-token-sum-norm": seq_sum.mean() / 4,
@@ -49,6 +52,7 @@ def test_loss_value_and_gradient(agg):
     loss.backward()
     row_scale = {
         "token-mean": np.full(3, 1 / m.sum()),
+        "token-sum": np.ones(3),
         "seq-mean-token-sum": np.full(3, 1 / 3),
         "seq-mean-token-mean": 1 / (3 * n_i),
         "seq-mean-token-sum-norm": np.full(3, 1 / 12),
@@ -128,14 +132,92 @@ def test_bad_update_changes_nothing(bad):
     assert reg.state_dict() == before
 
 
-def test_update_is_atomic_when_controller_rejects():
-    # A subnormal anchor times the ratio rounds to a target of 0: the target has already
-    # accepted the value when the controller refuses it, so the regularizer must roll back.
-    reg = _reg(initial_entropy=5e-324, target_ratio=0.4)
+def test_update_is_atomic_when_controller_rejects(monkeypatch):
+    # The target has already taken the entropy when the controller runs: if the controller
+    # raises, the regularizer must roll the target back. (The controller no longer rejects
+    # any target that AnchoredTarget gives, so a stub raises here.)
+    reg = _reg(warmup_steps=2)
+    reg.update(1.0)
     before = reg.state_dict()
+
+    def refuse(entropy, target):
+        raise ValueError("target: refused")
+
+    monkeypatch.setattr(reg.controller, "update", refuse)
     with pytest.raises(ValueError, match="target"):
         reg.update(1.0)
     assert reg.state_dict() == before
+
+
+def test_tiny_first_entropy_keeps_the_state_resumable():
+    # Regression (issue 11): update(1e-310) then update(1.0) stored last_error = -inf.
+    reg = _reg()
+    reg.update(1e-310)
+    metrics = reg.update(1.0)
+    assert metrics["aer/rel_error"] == -sys.float_info.max and metrics["aer/coef"] == 0.0
+    resumed = _reg()
+    resumed.load_state_dict(json_round_trip(reg.state_dict()))
+    assert resumed.state_dict() == reg.state_dict()
+    assert resumed.update(0.5) == reg.update(0.5)
+
+
+def test_subnormal_anchor_whose_target_is_zero_is_rejected():
+    # 0.4 * 5e-324 rounds to 0: no target of 0 nats, neither built in nor fed in.
+    with pytest.raises(ValueError, match="initial_entropy"):
+        _reg(initial_entropy=5e-324, target_ratio=0.4)
+    reg = _reg(target_ratio=0.4)
+    with pytest.raises(ValueError, match="entropy"):
+        reg.update(5e-324)
+    assert reg.target.anchor is None and reg.last_entropy is None
+
+
+def test_huge_python_int_is_not_finite():
+    # Regression (issue 11): OverflowError on d15f0c3 (fixed by checks.py in 96176c8).
+    reg = _reg()
+    with pytest.raises(ValueError, match="entropy"):
+        reg.update(10**400)
+    with pytest.raises(ValueError, match="coefficients"):
+        reg.loss(torch.ones(1, 2), torch.ones(1, 2), 10**400)
+
+
+@pytest.mark.parametrize("where", [None, "controller", "target", "allocator"])
+def test_load_state_rejects_unknown_keys(where):
+    reg = _reg()
+    reg.coefficients([1.0, 0.0], [0, 0])
+    reg.update(1.0)
+    before = reg.state_dict()
+    bad = json_round_trip(before)
+    (bad if where is None else bad[where])["surprise"] = 0
+    with pytest.raises(ValueError, match="surprise"):
+        reg.load_state_dict(bad)
+    assert reg.state_dict() == before
+
+
+@st.composite
+def aer_calls(draw):
+    """One public call: update(entropy) or coefficients(scores, group_ids)."""
+    if draw(st.booleans()):
+        h = draw(arguments)
+        return lambda reg: reg.update(h)
+    n = draw(st.integers(min_value=1, max_value=4))
+    scores = draw(st.lists(arguments, min_size=n, max_size=n))
+    ids = draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    return lambda reg: reg.coefficients(scores, ids)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rule=st.sampled_from(["proportional", "sign", "log"]),
+    warmup=st.integers(min_value=1, max_value=2),
+    ratio=st.sampled_from([1e-300, 0.5, 1.5, 1e300]),
+    lr=st.one_of(st.none(), finite),
+    calls=st.lists(aer_calls(), max_size=10),
+)
+def test_every_reachable_state_is_json_safe_and_resumes_exactly(rule, warmup, ratio, lr, calls):
+    kw = dict(coef_rule=rule, coef_lr=lr, warmup_steps=warmup, target_ratio=ratio, final_ratio=0.3, schedule_steps=3)
+    if rule == "log":
+        kw.update(coef_init=1e-3, coef_min=1e-5)
+    check_resume(lambda: _reg(**kw), calls)
 
 
 def test_bad_state_changes_nothing():

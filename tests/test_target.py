@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from entropy_reg.target import AnchoredTarget
+from tests.resume import arguments, check_resume, finite, json_round_trip
 
 SETTINGS = settings(max_examples=40, deadline=None)
 entropy_seqs = st.lists(st.floats(min_value=1e-3, max_value=12.0, allow_nan=False), min_size=1, max_size=30)
@@ -155,6 +156,98 @@ def test_zero_anchor_rejected_without_change():
     ],
 )
 def test_bad_state_leaves_state(state, name):
+    t = AnchoredTarget(0.5, warmup_steps=2)
+    t.update(1.0)
+    before = t.state_dict()
+    with pytest.raises((ValueError, TypeError), match=name):
+        t.load_state_dict(state)
+    assert t.state_dict() == before
+
+
+@st.composite
+def targets(draw):
+    """Valid settings, from the edges of the float range (construction may still reject them)."""
+    kw = dict(ratio=draw(positive), warmup_steps=draw(st.integers(min_value=1, max_value=3)))
+    if draw(st.booleans()):
+        kw["initial_entropy"] = draw(positive)
+    if draw(st.booleans()):
+        kw.update(final_ratio=draw(positive), schedule_steps=draw(st.integers(min_value=1, max_value=4)))
+    return kw
+
+
+positive = finite.filter(lambda x: x > 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(config=targets(), calls=st.lists(arguments, max_size=12))
+def test_every_reachable_state_is_json_safe_and_resumes_exactly(config, calls):
+    try:
+        AnchoredTarget(**config)
+    except ValueError:
+        assume(False)  # e.g. initial_entropy * ratio overflows: rejected at construction, tested below
+    check_resume(lambda: AnchoredTarget(**config), [lambda t, h=h: t.update(h) for h in calls])
+
+
+def test_warmup_sum_overflow_is_rejected():
+    # Regression (issue 11): 1e308 twice made the warm-up sum, the anchor and the target inf.
+    t = AnchoredTarget(warmup_steps=2)
+    assert t.update(1e308) is None
+    before = t.state_dict()
+    with pytest.raises(ValueError, match="entropy"):
+        t.update(1e308)
+    assert t.state_dict() == before
+    assert t.update(1e307) == 0.5 * (1e308 + 1e307) / 2  # the warm-up goes on from where it was
+    json_round_trip(t.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, entropy",
+    [
+        (dict(ratio=4.0), 1e308),  # 4e308 overflows
+        (dict(ratio=0.5, final_ratio=4.0, schedule_steps=3), 1e308),  # the schedule's end overflows
+        (dict(ratio=0.4), 5e-324),  # 0.4 * 5e-324 rounds to a target of 0
+        (dict(ratio=1.0, final_ratio=1e-10, schedule_steps=2), 1e-320),  # the schedule's end underflows
+    ],
+)
+def test_anchor_whose_targets_leave_the_float_range_is_rejected(kwargs, entropy):
+    t = AnchoredTarget(**kwargs)
+    before = t.state_dict()
+    with pytest.raises(ValueError, match="entropy"):
+        t.update(entropy)
+    assert t.state_dict() == before
+    with pytest.raises(ValueError, match="initial_entropy"):
+        AnchoredTarget(**kwargs, initial_entropy=entropy)
+    with pytest.raises(ValueError, match=r"state\['anchor'\]"):
+        t.load_state_dict({"anchor": entropy, "warmup_sum": entropy, "warmup_count": 1, "anchored_updates": 1})
+    assert t.state_dict() == before
+
+
+def test_extreme_but_representable_targets_are_kept():
+    # Every target over the schedule is checked at its two ends, and these ends are in range.
+    t = AnchoredTarget(ratio=1.0, final_ratio=1.7, schedule_steps=2)
+    assert t.update(1e308) == 1e308
+    t.update(0.0)
+    assert t.update(0.0) == 1.7 * 1e308
+    json_round_trip(t.state_dict())
+
+
+def test_huge_python_int_is_not_finite():
+    # Regression (issue 11): OverflowError on d15f0c3 (fixed by checks.py in 96176c8).
+    t = AnchoredTarget()
+    with pytest.raises(ValueError, match="entropy"):
+        t.update(10**400)
+    assert t.anchor is None
+
+
+@pytest.mark.parametrize(
+    "state, name",
+    [
+        ({"anchor": 1.0, "warmup_sum": 1.0, "warmup_count": 1, "anchored_updates": 1, "ratio": 0.5}, "ratio"),
+        ({"anchor": 1.0, "warmup_sum": 1.0, "warmup_count": 1, "anchored_updates": 1, "x": 0}, "unknown"),
+        ("anchor", "state"),
+    ],
+)
+def test_load_state_is_strict(state, name):
     t = AnchoredTarget(0.5, warmup_steps=2)
     t.update(1.0)
     before = t.state_dict()
