@@ -8,8 +8,10 @@ imported (``import entropy_reg.integrations`` imports none of them):
   ``global_step_N`` (extra ``entropy-reg[verl]``);
 - :mod:`entropy_reg.integrations.trl`: an ``AERGRPOTrainer`` subclass of
   TRL's ``GRPOTrainer`` (extra ``entropy-reg[trl]``);
-- :mod:`entropy_reg.integrations.openrlhf`: tensor-level helpers for the
-  lines added to OpenRLHF's experience maker and ``ActorPPOTrainer``.
+- :mod:`entropy_reg.integrations.openrlhf`: ``python -m
+  entropy_reg.integrations.openrlhf`` runs OpenRLHF's ``train_ppo_ray`` with
+  AER's experience maker, actor trainer and policy actor swapped in on every
+  Ray worker.
 
 Shared here: :class:`EntropyWindow`, the token-weighted entropy of one
 optimizer step gathered over its micro-batches and data-parallel ranks (the

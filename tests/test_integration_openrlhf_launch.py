@@ -1,0 +1,124 @@
+"""``python -m entropy_reg.integrations.openrlhf``: OpenRLHF's own command plus the ``--aer.*`` flags.
+
+:func:`test_launch_runs_openrlhf_main_with_the_hook` runs OpenRLHF 0.11.2's real
+``train_ppo_ray`` as ``__main__`` (loaded from the wheel, see
+``test_integration_openrlhf``): its own argparse flags, checks and ``train()``,
+up to its ``ray.init``, which is replaced by a recorder that stops the run
+(no Ray cluster starts, no model loads). :func:`test_ray_runs_the_hook_in_its_workers`
+is the cheap Ray check: a real one-CPU local Ray, a task in a worker started
+with the launcher's ``runtime_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from entropy_reg.integrations.openrlhf import CONFIG_ENV, HOOK, config_from_env, hook
+from entropy_reg.integrations.openrlhf.__main__ import OPENRLHF_MAIN, main, parse_args, runtime_env_with_aer
+from entropy_reg.regularizer import AERConfig
+from tests.test_integration_openrlhf import openrlhf
+
+# Loading OpenRLHF's modules: a torch.jit deprecation (its utils) and an invalid escape (its math_utils).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning"),
+]
+
+OPENRLHF_FLAGS = [
+    "--actor.model_name_or_path", "Qwen/Qwen2.5-0.5B", "--reward.remote_url", "http://localhost:5000/get_reward",
+    "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4",
+    "--rollout.batch_size", "8", "--actor.num_gpus_per_node", "1", "--reward.overlong_buffer_len", "512",
+]
+
+
+def test_parse_splits_aer_flags_from_openrlhf_flags():
+    cfg, rest = parse_args([*OPENRLHF_FLAGS, "--aer.coef_max", "0.02", "--aer.difficulty_rule=threshold",
+                            "--aer.normalize_weights", "false", "--aer.initial_entropy", "1.5"])
+    assert cfg == AERConfig(coef_max=0.02, difficulty_rule="threshold", normalize_weights=False, initial_entropy=1.5)
+    # AER needs OpenRLHF to compute the entropy: --actor.entropy_coef 0 (not its default None) is added.
+    assert rest == [*OPENRLHF_FLAGS, "--actor.entropy_coef", "0"]
+    cfg, rest = parse_args([*OPENRLHF_FLAGS, "--actor.entropy_coef=0"])
+    assert cfg == AERConfig() and rest == [*OPENRLHF_FLAGS, "--actor.entropy_coef=0"]
+
+
+def test_parse_refuses_what_it_cannot_honour(capsys):
+    # Regression (issue 17, defect 3): both entropy bonuses used to apply silently.
+    with pytest.raises(ValueError, match="entropy_coef is 0.001"):
+        parse_args([*OPENRLHF_FLAGS, "--actor.entropy_coef", "0.001"])
+    with pytest.raises(SystemExit):
+        parse_args(["--aer.coef_maxx", "1"])  # a typo must not reach OpenRLHF as an unknown flag
+    assert "unknown AER flag --aer.coef_maxx" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--aer.warmup_steps", "2.5"])
+    with pytest.raises(SystemExit, match="ratio must be > 0"):
+        main([*OPENRLHF_FLAGS, "--aer.target_ratio", "-1"])  # checked before OpenRLHF or Ray start
+
+
+def test_runtime_env_keeps_openrlhf_env_vars():
+    env = runtime_env_with_aer({"env_vars": {"NCCL_DEBUG": "WARN"}}, '{"coef_max": 0.02}')
+    assert env == {"env_vars": {"NCCL_DEBUG": "WARN", CONFIG_ENV: '{"coef_max": 0.02}'},
+                   "worker_process_setup_hook": HOOK}
+    with pytest.raises(ValueError, match="worker_process_setup_hook"):
+        runtime_env_with_aer({"worker_process_setup_hook": "mine.setup"}, "{}")
+
+
+class _RayInitCalled(Exception):
+    pass
+
+
+def test_launch_runs_openrlhf_main_with_the_hook(monkeypatch):
+    o = openrlhf()
+    import ray
+
+    seen = {}
+
+    def fake_init(*args, runtime_env=None, **kwargs):
+        seen.update(runtime_env=runtime_env, argv=list(sys.argv), policy_actor=o.ppo_actor.PolicyModelActor)
+        raise _RayInitCalled
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    try:
+        with pytest.raises(_RayInitCalled):
+            main([*OPENRLHF_FLAGS, "--aer.coef_max", "0.02", "--aer.target_ratio", "0.4"])
+        # Driver side: train_ppo_ray's PolicyModelActor is AER's, and the settings are in this process.
+        assert seen["policy_actor"] is o.actor.AERPolicyModelActor
+        assert config_from_env() == AERConfig(coef_max=0.02, target_ratio=0.4)
+    finally:
+        hook.uninstall()
+        monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert ray.init is fake_init  # the wrapper is gone once OpenRLHF's main returns
+    # OpenRLHF parsed its own flags (an --aer.* flag would have stopped its argparse) ...
+    assert seen["argv"][0].endswith("openrlhf/cli/train_ppo_ray.py")  # runpy's argv[0]: the module's file
+    assert seen["argv"][1:] == [*OPENRLHF_FLAGS, "--actor.entropy_coef", "0"]
+    # ... and its ray.init got its own env_vars plus AER's settings and the setup hook for every worker.
+    env = seen["runtime_env"]
+    assert env["worker_process_setup_hook"] == HOOK
+    assert {"TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"} <= set(env["env_vars"])
+    assert config_from_env(env["env_vars"]) == AERConfig(coef_max=0.02, target_ratio=0.4)
+
+
+def _probe():
+    from entropy_reg.integrations.openrlhf import config_from_env, hook
+
+    return hook.installed(), config_from_env().coef_max
+
+
+def test_ray_runs_the_hook_in_its_workers():
+    """A real (local, one CPU) Ray: a worker started with the launcher's runtime_env ran the hook."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    env = runtime_env_with_aer(None, '{"coef_max": 0.03}')
+    env["env_vars"]["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    try:
+        assert ray.get(ray.remote(_probe).remote(), timeout=120) == (True, 0.03)
+    finally:
+        ray.shutdown()
