@@ -61,7 +61,11 @@ def group_index(group_ids: GroupIds, n: int) -> tuple[Tensor, int]:
         raise TypeError(f"group_ids must hold integers or strings, got dtype {group_ids.dtype}")
     else:  # any sequence, or an object array: element by element
         items = list(group_ids) if isinstance(group_ids, np.ndarray) else as_sequence(group_ids, "group_ids")
-        items = [x if isinstance(x, str) else as_count(x, f"group_ids[{i}]", low=None) for i, x in enumerate(items)]
+        # type(), not isinstance(): a bool is an int subclass but not an id; plain ints skip the check
+        items = [
+            x if type(x) is int or isinstance(x, str) else as_count(x, f"group_ids[{i}]", low=None)
+            for i, x in enumerate(items)
+        ]
         if len({isinstance(x, str) for x in items}) > 1:
             raise TypeError("group_ids must be all integers or all strings, not a mix")
         # An object array, not np.asarray: 1 and "1" are never merged, ints beyond int64 (hashes) stay exact.
@@ -125,7 +129,10 @@ class DifficultyAllocator:
             raise TypeError(f"scores must be real numbers, got dtype {scores.dtype}")
         else:  # any sequence of numbers (an object array counts as one), each checked as a number
             items = list(scores) if isinstance(scores, np.ndarray) else as_sequence(scores, "scores")
-            s = torch.tensor([as_scalar(x, f"scores[{i}]") for i, x in enumerate(items)], dtype=torch.float64)
+            # plain floats go straight in (NaN / inf are caught below); anything else is checked as a number
+            if not all(type(x) is float for x in items):
+                items = [as_scalar(x, f"scores[{i}]") for i, x in enumerate(items)]
+            s = torch.tensor(items, dtype=torch.float64)
         if s.dim() != 1:
             raise ValueError(f"scores must be 1-D (one score per response), got shape {tuple(s.shape)}")
         if s.numel() == 0:

@@ -302,6 +302,8 @@ def test_scores_of_every_kind():
     "scores, error",
     [
         ([1.0, 10**400], ValueError),  # was OverflowError
+        ([1.0, float("nan")], ValueError),  # plain floats take the fast path: still checked
+        ([1.0, -float("inf")], ValueError),
         ([True, False], TypeError),  # bools are not numbers
         (np.array([True, False]), TypeError),
         ([1.0, None], TypeError),
