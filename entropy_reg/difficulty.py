@@ -177,9 +177,11 @@ class DifficultyAllocator:
     def alloc(self, scores: Tensor | Sequence[float], group_ids: GroupIds) -> Tensor:
         """Weights ``[N]`` float32 on the scores' device, one per response.
 
-        ``scores[N]``: one verifiable reward per response; ``group_ids[N]``: the
-        prompt each response answers. Vectorized over responses and groups, and
-        equivariant under any permutation of the responses.
+        ``scores[N]``: one verifiable reward per response (a tensor, an array, or
+        any sequence of real numbers); ``group_ids[N]``: the prompt each response
+        answers (integers or strings, see :func:`group_index`). Vectorized over
+        responses and groups, and equivariant under any permutation of the
+        responses. Bad input raises and leaves :attr:`stats` as they were.
         """
         acc, inverse, device = self._accuracies(scores, group_ids)
         weights = self._group_weights(acc)[inverse]
