@@ -502,7 +502,8 @@ class AERPPOTrainerMixin:
 
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["uid", "rm_scores"])
         scores = _padded(data["rm_scores"]).sum(-1)
-        uid = np.array(data["uid"].tolist(), dtype=object)
+        # A non-tensor field comes back as a list, a LinkedList, a NonTensorStack or an array: list() takes all.
+        uid = np.array(list(data["uid"]), dtype=object)
         coef, out = self.aer.coefficients(scores, uid, self._real_samples(batch))
         metrics.update(out)
         # The put returns the batch's metadata with aer_coef among its fields, so the update fetches it.

@@ -1,0 +1,570 @@
+"""AER on verl 0.9.1's REAL trainers and worker code, on the CPU.
+
+Runs verl's own classes and methods:
+
+- config: verl's Hydra composition of ``verl/trainer/config/ppo_trainer.yaml``;
+- v1: ``PPOTrainerSync`` (through :func:`install` and ``get_trainer_cls("sync")``), its real
+  ``__init__``, ``init``, ``fit``, ``step``/``_step_once``, ``_balance_batch`` (with verl's
+  synthetic padding samples), ``_compute_old_log_prob``, ``_compute_advantage`` (GRPO),
+  ``_update_actor``, ``_save_checkpoint`` (and its checkpoint callback), ``_load_checkpoint``;
+- legacy: ``RayPPOTrainer``'s real ``__init__``, ``_compute_old_log_prob`` (DataProto to
+  no-padding TensorDict), ``_update_actor``, ``_save_checkpoint``, ``_load_checkpoint``;
+- worker: ``TrainingWorker.train_mini_batch`` / ``train_batch`` / ``infer_batch`` (mini-batch
+  iterator with verl's shuffle, metrics), ``BaseEngine.train_batch``, and the FSDP engine's
+  ``forward_backward_batch`` (global token count all-reduced over a gloo group, ``dp_size``,
+  verl's micro-batch split, backward per micro-batch) calling the installed loss exactly as
+  verl's ``forward_step`` does.
+
+Stubbed, because they need a GPU, a rollout server or a Ray cluster:
+
+- the model: one ``[V, V]`` logits table (``TinyPolicy``) instead of the FSDP-wrapped LLM, and
+  ``get_device_id`` returning "cpu";
+- the rollout: ``prepare_step`` puts finished samples into the store the way verl's agent loop
+  does (fields and tags), and ``replay_buffer.sample`` hands them out;
+- TransferQueue's storage (Ray actors, which do not start on this 2-core machine within a test's
+  time): an in-process store with ``kv_batch_put`` / ``kv_batch_get`` / ``kv_clear``'s contract
+  (fields merged per key, missing fields skipped, nested fields returned nested, the put
+  returning the keys' tags and fields);
+- the worker group's RPC fan-out (Ray), the weight sync to the rollout (``checkpoint_manager``)
+  and the model checkpoint files (``save_checkpoint`` writes the logits table).
+
+No Ray cluster starts: the task runner's part (installing AER in its process) is called directly.
+References are float64 and computed from the logits table, never by the code under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="install the extra: pip install 'entropy-reg[verl]'")
+
+import torch.distributed as dist  # noqa: E402
+import transfer_queue  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from tensordict import NonTensorData, NonTensorStack, TensorDict  # noqa: E402
+from transfer_queue import KVBatchMeta  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.engine.base import BaseEngine  # noqa: E402
+from verl.workers.engine.fsdp import transformer_impl as fsdp_impl  # noqa: E402
+from verl.workers.engine_workers import TrainingWorker  # noqa: E402
+
+from entropy_reg.integrations import STATE_FILE  # noqa: E402
+from entropy_reg.integrations.verl import COEF_KEY, AERLoss, install  # noqa: E402
+
+V = 9  # vocabulary
+N_ROLLOUT = 4  # responses per prompt (actor_rollout_ref.rollout.n)
+PROMPTS = 3  # data.train_batch_size: 12 samples, padded by verl to 16 (mini-batch 2 x 4 = 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# stubs: TransferQueue's storage, the model, the engine's device
+
+
+class FakeStore:
+    """In-process TransferQueue storage with the kv_* contract verl's trainer relies on."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, dict[str, Any]]] = {}
+        self.tags: dict[str, dict[str, dict]] = {}
+        self.kind: dict[str, str] = {}
+        self.history: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # rollout key -> prompt, response, id
+        self.by_idx: dict[int, str] = {}
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None, **_):
+        part = self.data.setdefault(partition_id, {})
+        ptags = self.tags.setdefault(partition_id, {})
+        for i, key in enumerate(keys):
+            part.setdefault(key, {})
+            ptags.setdefault(key, {})
+            if tags is not None:
+                ptags[key].update(copy.deepcopy(tags[i]))
+        if fields is not None:
+            assert fields.batch_size[0] == len(keys)
+            for name in fields.keys():
+                value = fields.get(name)
+                # A field once put as jagged comes back jagged (TransferQueue keeps its schema).
+                if isinstance(value, torch.Tensor) and value.is_nested:
+                    self.kind[name], rows = "nested", list(value.unbind())
+                elif isinstance(value, torch.Tensor):
+                    self.kind.setdefault(name, "tensor")
+                    rows = list(value.unbind(0))
+                else:
+                    self.kind[name], rows = "object", list(value.tolist())
+                for key, row in zip(keys, rows):
+                    part[key][name] = row.clone() if isinstance(row, torch.Tensor) else row
+        return KVBatchMeta(
+            keys=list(keys), tags=[ptags[k] for k in keys], partition_id=partition_id,
+            fields=sorted(set.intersection(*(set(part[k]) for k in keys))),
+        )
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        part = self.data[partition_id]
+        names = sorted(set.intersection(*(set(part[k]) for k in keys)))
+        if select_fields is not None:
+            names = [n for n in ([select_fields] if isinstance(select_fields, str) else select_fields) if n in names]
+        out = {}
+        for name in names:
+            rows = [part[k][name] for k in keys]
+            if self.kind[name] == "nested":
+                out[name] = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+            elif self.kind[name] == "tensor":
+                out[name] = torch.stack(rows)
+            else:
+                out[name] = NonTensorStack(*rows)
+        return TensorDict(out, batch_size=[len(keys)])
+
+    def kv_clear(self, keys, partition_id):
+        for k in [keys] if isinstance(keys, str) else keys:
+            self.data.get(partition_id, {}).pop(k, None)
+            self.tags.get(partition_id, {}).pop(k, None)
+
+
+class TinyPolicy:
+    """The model stub: logits of the next token = ``W[current token]`` (float32, as the engine computes)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.W = torch.nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)) * 1.5)
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = input_ids.values()
+        logp_all = torch.log_softmax(self.W[flat].float(), -1)
+        labels = torch.roll(flat, -1)  # position t predicts token t + 1 (the last row is never read)
+        logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        off = input_ids.offsets()
+        return {
+            "log_probs": torch.nested.nested_tensor_from_jagged(logp, off),
+            "entropy": torch.nested.nested_tensor_from_jagged(ent, off),
+        }
+
+    def entropy64(self, token: int) -> float:
+        """Reference entropy (nats) of the row that follows ``token``, in float64."""
+        z = self.W.detach()[token].double()
+        p = torch.softmax(z, -1)
+        return float(torch.logsumexp(z, -1) - (p * z).sum())
+
+
+class CPUEngine:
+    """verl's engine code on the CPU: ``BaseEngine.train_batch`` / ``infer_batch`` and the FSDP engine's
+    ``forward_backward_batch`` run unchanged; the model forward is the stub."""
+
+    forward_backward_batch = fsdp_impl.FSDPEngine.forward_backward_batch
+    train_batch = BaseEngine.train_batch
+    infer_batch = BaseEngine.infer_batch
+    ulysses_sequence_parallel_size = 1
+    scaler = None
+
+    def __init__(self, policy: TinyPolicy, group: Any = None) -> None:
+        self.policy = policy
+        self.group = group
+        self.micro_batches: list[dict] = []  # what each loss call saw (training only)
+        self.grads: list[torch.Tensor] = []
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def is_mp_src_rank_with_outputs(self) -> bool:
+        return True
+
+    def train_mode(self, **_):
+        return contextlib.nullcontext()
+
+    eval_mode = train_mode
+
+    def _gradient_sync_context(self, **_):
+        return contextlib.nullcontext()
+
+    def optimizer_zero_grad(self) -> None:
+        self.policy.W.grad = None
+
+    def optimizer_step(self) -> float:
+        grad = self.policy.W.grad.detach().clone()
+        if self.group is not None or dist.get_world_size() > 1:
+            dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=self.group)  # what FSDP's reduce-scatter does
+        self.grads.append(grad)
+        return float(grad.norm())
+
+    def lr_scheduler_step(self) -> float:
+        return 0.0
+
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        # As verl's FSDP forward_step: model output, then loss_function(model_output=, data=, dp_group=).
+        model_output = self.policy.forward(micro_batch["input_ids"])
+        if loss_function is None:
+            loss, metrics = torch.tensor(1.0), {}
+        else:
+            loss, metrics = loss_function(model_output=model_output, data=micro_batch, dp_group=self.group)
+            if not forward_only:
+                self.micro_batches.append({
+                    "sample_idx": micro_batch["sample_idx"].clone(), COEF_KEY: micro_batch[COEF_KEY].clone(),
+                    "mask_sum": [int(r.sum()) for r in micro_batch["response_mask"].unbind()],
+                    "metrics": metrics, "global": {k: micro_batch[k] for k in
+                                                   ("dp_size", "batch_num_tokens", "global_batch_size")},
+                })
+        detached = {k: v.detach() for k, v in model_output.items()}
+        return loss, {"model_output": detached, "loss": loss.detach().item(), "metrics": metrics}
+
+
+class _Profiler:
+    rank = 0
+
+    def step(self) -> None:
+        pass
+
+    def check_enable(self) -> bool:
+        return False
+
+
+class _Flops:
+    def estimate_flops(self, tokens, seconds, **_):
+        return 1.0, 1.0
+
+
+def cpu_worker(policy: TinyPolicy, actor_cfg: Any, group: Any = None) -> TrainingWorker:
+    """verl's ``TrainingWorker`` (methods unchanged) around the CPU engine; verl's worker config values."""
+    worker = object.__new__(TrainingWorker)
+    worker.engine = CPUEngine(policy, group)
+    worker.profiler = _Profiler()
+    worker.flops_counter = _Flops()
+    worker.device_name = "cpu"
+    worker.model_config = {"use_remove_padding": True}
+    worker.engine_config = SimpleNamespace(
+        forward_only=False, use_dynamic_bsz=False, use_fused_kernels=False,
+        micro_batch_size_per_gpu=actor_cfg.ppo_micro_batch_size_per_gpu, max_token_len_per_gpu=10**6,
+        infer_micro_batch_size_per_gpu=4, infer_max_token_len_per_gpu=10**6,
+    )
+    worker.loss_fn = None
+    return worker
+
+
+def meta_to_data(store: FakeStore, meta: KVBatchMeta) -> TensorDict:
+    """What verl's TransferQueue bridge hands a worker: the meta's fields, extra_info as non-tensor data."""
+    td = store.kv_batch_get(meta.keys, meta.partition_id, select_fields=meta.fields)
+    for key, val in copy.deepcopy(meta.extra_info).items():
+        tu.assign_non_tensor_data(td, key, val)
+    return td
+
+
+class ActorWorkerGroup:
+    """The actor worker group's RPCs, run in this process on one data-parallel rank (Ray stubbed)."""
+
+    def __init__(self, worker: TrainingWorker, store: FakeStore | None = None) -> None:
+        self.worker = worker
+        self.store = store
+        self._dispatch_info = {"actor": [0]}  # dp size 1
+        self.loss_fns: list[Any] = []
+
+    def set_loss_fn(self, fn) -> None:
+        self.loss_fns.append(fn)
+        self.worker.loss_fn = fn
+
+    def compute_log_prob(self, batch):
+        data = meta_to_data(self.store, batch) if isinstance(batch, KVBatchMeta) else batch
+        out = TrainingWorker.infer_batch(self.worker, data)
+        if not isinstance(batch, KVBatchMeta):
+            return out
+        fields = TensorDict({"log_probs": out["log_probs"], "entropy": out["entropy"]}, batch_size=len(batch))
+        return self.store.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+    def update_actor(self, batch):
+        data = meta_to_data(self.store, batch) if isinstance(batch, KVBatchMeta) else batch
+        return TrainingWorker.train_mini_batch(self.worker, data)
+
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        os.makedirs(local_path, exist_ok=True)
+        torch.save(self.worker.engine.policy.W.detach(), os.path.join(local_path, "W.pt"))
+
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+        with torch.no_grad():
+            self.worker.engine.policy.W.copy_(torch.load(os.path.join(local_path, "W.pt")))
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(autouse=True)
+def cpu_device(monkeypatch):
+    """verl's engine moves the token count to the accelerator (``get_device_id``): the CPU here."""
+    monkeypatch.setattr(fsdp_impl, "get_device_id", lambda: "cpu")
+
+
+@pytest.fixture(scope="module")
+def gloo():
+    """A one-process gloo group: verl's engine all-reduces the token count over it."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def hydra_module():
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        yield
+
+
+def verl_config(tmp_path, *extra: str):
+    """verl's own Hydra composition of ppo_trainer.yaml, with a GRPO user's overrides."""
+    return compose(config_name="ppo_trainer", overrides=[
+        "algorithm.adv_estimator=grpo", f"data.train_batch_size={PROMPTS}",
+        f"actor_rollout_ref.rollout.n={N_ROLLOUT}", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "actor_rollout_ref.actor.shuffle=True",
+        "actor_rollout_ref.actor.use_kl_loss=False", "actor_rollout_ref.actor.entropy_coeff=0",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4", "actor_rollout_ref.model.path=none",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.logger=[console]",
+        "trainer.val_before_train=False", "trainer.test_freq=-1", "trainer.save_freq=1",
+        "trainer.total_training_steps=2", "trainer.n_gpus_per_node=1",
+        "+aer.coef_init=0.002", "+aer.target_ratio=0.9", "+aer.coef_max=0.05", *extra,
+    ])
+
+
+@pytest.fixture
+def store(monkeypatch):
+    s = FakeStore()
+    for name in ("kv_batch_put", "kv_batch_get", "kv_clear"):
+        monkeypatch.setattr(transfer_queue, name, getattr(s, name))
+    return s
+
+
+@pytest.fixture
+def registry():
+    """Restore verl's trainer registry and main_ppo_v0's trainer name after install()."""
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.v1 import trainer_base
+
+    saved, legacy = dict(trainer_base.TRAINER_REGISTRY), main_ppo_v0.RayPPOTrainer
+    yield
+    trainer_base.TRAINER_REGISTRY.clear()
+    trainer_base.TRAINER_REGISTRY.update(saved)
+    main_ppo_v0.RayPPOTrainer = legacy
+
+
+# ----------------------------------------------------------------------------------------------
+# the rollout stub
+
+
+def solved(uid: str, session: int) -> float:
+    """Deterministic 0/1 verifier outcome: prompt 0 all solved, prompt 1 half, prompt 2 none."""
+    k = int(uid.split("-")[1])
+    return float(session < [N_ROLLOUT, N_ROLLOUT // 2, 0][k % 3])
+
+
+def rollout(store: FakeStore, step: int, seed: int, policy: TinyPolicy) -> list[str]:
+    """Put PROMPTS x N_ROLLOUT finished samples into the store as verl's agent loop does; their keys."""
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    keys, fields, tags = [], [], []
+    for p in range(PROMPTS):
+        uid = f"s{step}-{p}"
+        prompt = torch.randint(1, V, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+        for session in range(N_ROLLOUT):
+            resp = torch.randint(1, V, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+            ids = torch.cat([prompt, resp])
+            with torch.no_grad():  # the rollout's own log-probs of its tokens (rollout.calculate_log_probs)
+                logp = policy.forward(torch.nested.as_nested_tensor([ids], layout=torch.jagged))["log_probs"]
+            score = torch.zeros(len(resp))
+            score[-1] = solved(uid, session)
+            keys.append(f"{uid}_{session}_0")
+            store.history[keys[-1]] = (prompt, resp, len(keys) - 1 + 100 * step)
+            store.by_idx[len(keys) - 1 + 100 * step] = keys[-1]
+            fields.append({
+                "prompts": prompt, "responses": resp, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "position_ids": torch.arange(len(ids)), "response_mask": torch.ones_like(resp),
+                "loss_mask": torch.ones_like(resp), "rm_scores": score,
+                "rollout_log_probs": logp.values()[len(prompt) - 1:-1].clone(), "uid": uid, "num_turns": 2,
+                "sample_idx": torch.tensor(len(keys) - 1 + 100 * step),
+            })
+            tags.append({"status": "success", "prompt_len": len(prompt), "response_len": len(resp),
+                         "seq_len": len(ids), "global_steps": step, "min_global_steps": step - 1,
+                         "max_global_steps": step - 1})
+    store.kv_batch_put(keys=keys, partition_id="train", fields=tu.list_of_dict_to_tensordict(fields), tags=tags)
+    return keys
+
+
+def token_entropies(policy: TinyPolicy, store: FakeStore, key: str) -> list[float]:
+    """float64 entropy of each response token of sample ``key`` (the row predicting it)."""
+    prompt, resp, _ = store.history[key]
+    ids = torch.cat([prompt, resp])
+    return [policy.entropy64(int(ids[len(prompt) - 1 + t])) for t in range(len(resp))]
+
+
+def entropy_reference(policy: TinyPolicy, store: FakeStore, keys: list[str]) -> float:
+    h = [x for k in keys for x in token_entropies(policy, store, k)]
+    return sum(h) / len(h)
+
+
+def check_micro_batches(policy, store, records, coefs_by_step, mode, micro_per_mini=4):
+    """Every micro-batch's coefficients belong to its samples; each mini-batch's summed bonus metric
+    equals the float64 aggregate over that mini-batch's samples (padding rows contribute nothing)."""
+    assert len(records) == micro_per_mini * 2 * len(coefs_by_step)
+    minis = [records[i:i + micro_per_mini] for i in range(0, len(records), micro_per_mini)]
+    shuffled = False
+    for m, mini in enumerate(minis):
+        coefs = coefs_by_step[m // 2]
+        rows, bonus = [], 0.0
+        for rec in mini:
+            for idx, c, n in zip(rec["sample_idx"].tolist(), rec[COEF_KEY].tolist(), rec["mask_sum"]):
+                if n == 0:  # verl's padding sample (a copy of the first sample's fields, response_mask 0)
+                    assert c == 0.0
+                    continue
+                key = store.by_idx[idx]
+                assert c == coefs[key]
+                rows.append((key, c))
+            bonus += float(rec["metrics"]["actor/aer/bonus"].aggregate())
+        shuffled |= [r[0] for r in rows] != sorted(r[0] for r in rows)
+        tokens = sum(len(store.history[k][1]) for k, _ in rows)
+        assert mini[0]["global"]["batch_num_tokens"] == tokens  # verl's global count: real response tokens
+        if mode == "token-mean":
+            ref = sum(c * sum(token_entropies(policy, store, k)) for k, c in rows) / tokens
+        assert bonus == pytest.approx(ref, rel=1e-5, abs=1e-12)
+    assert shuffled  # verl's balancing and shuffle did reorder the samples
+
+
+# ----------------------------------------------------------------------------------------------
+# v1: PPOTrainerSync
+
+
+def build_v1(cfg, store, policy, monkeypatch, *, seed=0):
+    """``get_trainer_cls("sync")`` after install(), built and initialized by verl's own ``init``."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    install(True, "sync")
+    cls = get_trainer_cls("sync")
+    actor_cfg = SimpleNamespace(ppo_micro_batch_size_per_gpu=cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu)
+    wg = ActorWorkerGroup(cpu_worker(policy, actor_cfg), store)
+
+    def setup_stub(self):
+        # verl's _setup builds the tokenizer, datasets, Ray worker groups (GPU), rollout servers and
+        # the weight-sync manager, then calls _load_checkpoint. Here: their CPU stand-ins.
+        self.tokenizer = SimpleNamespace(eos_token_id=V - 1, pad_token_id=0)
+        self.train_dataloader = StatefulDataLoader(list(range(8)), batch_size=2)
+        self.steps_per_epoch, self.total_training_steps = 4, cfg.trainer.total_training_steps
+        self._init_dump_executor()
+        self.resource_pool_manager = SimpleNamespace(get_n_gpus=lambda: 1)
+        self.actor_rollout_wg = wg
+        self.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=["rollout-side reward"])
+        self.checkpoint_manager = SimpleNamespace(update_weights=lambda *a, **k: None,
+                                                  sleep_replicas=lambda: None)
+        self._load_checkpoint()
+
+    monkeypatch.setattr(PPOTrainer, "_setup", setup_stub)
+    trainer = cls(config=cfg)
+    trainer.init()
+    sampled: list[KVBatchMeta] = []
+
+    def prepare_step():
+        keys = rollout(store, trainer.global_steps, seed, policy)
+        meta = KVBatchMeta(keys=keys, tags=[store.tags["train"][k] for k in keys], partition_id="train")
+        sampled.append(meta)
+        return {}
+
+    trainer.prepare_step = prepare_step
+    trainer.replay_buffer.sample = lambda **kw: (sampled[-1], {})
+    return trainer, wg
+
+
+def test_v1_sync_trainer_runs_aer_end_to_end(tmp_path, gloo, hydra_module, store, registry, monkeypatch):
+    """verl's own fit() on PPOTrainerSync (AER installed): two steps with checkpoints. Checked against
+    float64 references: the entropy fed to the controller (real samples only, verl's padding left
+    out), each sample's coefficient (by its key, through verl's balancing, shuffle and splits),
+    each mini-batch's bonus, and the state file saved by the checkpoint callback."""
+    from entropy_reg import AERConfig
+    from entropy_reg.regularizer import AdaptiveEntropyRegularizer
+
+    cfg = verl_config(tmp_path)
+    assert not cfg.actor_rollout_ref.actor.calculate_entropy  # verl's default; AER turns it on
+    policy = TinyPolicy()
+    logged: list[dict] = []
+    monkeypatch.setattr("verl.utils.tracking.Tracking.log", lambda self, data, step: logged.append(dict(data)))
+    trainer, wg = build_v1(cfg, store, policy, monkeypatch)
+    assert type(trainer).__name__ == "AERPPOTrainerSync" and cfg.actor_rollout_ref.actor.calculate_entropy
+    assert isinstance(wg.worker.loss_fn, AERLoss) and wg.worker.loss_fn.base.func.__name__ == "ppo_loss"
+
+    # Mirror of the controller, fed with float64 references computed here.
+    mirror = AdaptiveEntropyRegularizer(AERConfig(coef_init=0.002, target_ratio=0.9, coef_max=0.05))
+    seen_steps = []
+    orig_put = store.kv_batch_put
+
+    def spy_put(keys, partition_id, fields=None, tags=None, **kw):
+        if fields is not None and COEF_KEY in fields.keys():
+            seen_steps.append({k: float(c) for k, c in zip(keys, fields[COEF_KEY])})
+        return orig_put(keys, partition_id, fields=fields, tags=tags, **kw)
+
+    monkeypatch.setattr(transfer_queue, "kv_batch_put", spy_put)
+    trainer.fit(agent_loop_manager=None)
+
+    assert len(seen_steps) == 2 and len(logged) == 2
+    for step, coefs in enumerate(seen_steps, start=1):
+        real = [k for k in coefs if not k.startswith("pad")]
+        pads = [k for k in coefs if k.startswith("pad")]
+        assert len(real) == PROMPTS * N_ROLLOUT and len(pads) == 4  # 12 samples padded to a multiple of 8
+        assert all(coefs[k] == 0.0 for k in pads)
+        # The entropy statistic: float64 token mean over the real samples' response tokens.
+        metrics = logged[step - 1]
+        assert metrics["actor/aer/entropy"] == pytest.approx(entropy_reference(policy, store, real), rel=1e-5)
+        mirror.update(metrics["actor/aer/entropy"])
+        alpha = mirror.value
+        assert metrics["actor/aer/coef"] == pytest.approx(alpha, rel=1e-12)
+        # Coefficient per sample: alpha * (1 - group accuracy), normalized to mean 1 over real samples.
+        acc = {p: np.mean([solved(f"s{step}-{p}", s) for s in range(N_ROLLOUT)]) for p in range(PROMPTS)}
+        w = {k: 1.0 - acc[int(k.split("_")[0].split("-")[1])] for k in real}
+        mean_w = np.mean(list(w.values()))
+        for k in real:
+            assert coefs[k] == pytest.approx(alpha * w[k] / mean_w, rel=1e-6, abs=1e-12)
+    # Each micro-batch the loss saw: its coefficients belong to its samples (by sample_idx), after
+    # verl's balancing reorder, shuffle and mini/micro split; the per-mini-batch bonus is the float64 one.
+    check_micro_batches(policy, store, wg.worker.engine.micro_batches, seen_steps, "token-mean")
+    # Checkpoints: verl's callback hook wrote AER's state next to the model, step by step.
+    for step in (1, 2):
+        assert (tmp_path / "ckpt" / f"global_step_{step}" / STATE_FILE).exists()
+
+
+def run_v1(tmp_path, name, store, monkeypatch, *overrides):
+    """verl's fit() for the configured steps; the metrics it logged."""
+    cfg = verl_config(tmp_path, f"trainer.default_local_dir={tmp_path / name}", *overrides)
+    logged: list[dict] = []
+    monkeypatch.setattr("verl.utils.tracking.Tracking.log", lambda self, data, step: logged.append(dict(data)))
+    trainer, _ = build_v1(cfg, store, TinyPolicy(), monkeypatch)
+    trainer.fit(agent_loop_manager=None)
+    return trainer, logged
+
+
+def test_v1_resume_continues_the_controller_bit_for_bit(tmp_path, gloo, hydra_module, store, registry,
+                                                         monkeypatch):
+    """Three steps straight, against one step, then a new trainer resuming from global_step_1
+    through verl's _load_checkpoint: the same coefficient at every later step, the same state
+    file byte for byte. Without the AER state file the resumed run diverges (the test can fail)."""
+    full, full_log = run_v1(tmp_path, "full", store, monkeypatch, "trainer.total_training_steps=3")
+    resumed, resumed_log = run_v1(
+        tmp_path, "resumed", store, monkeypatch, "trainer.total_training_steps=3", "trainer.resume_mode=resume_path",
+        f"trainer.resume_from_path={tmp_path / 'full' / 'global_step_1'}",
+    )
+    assert len(full_log) == 3 and len(resumed_log) == 2  # steps 2 and 3
+    for a, b in zip(full_log[1:], resumed_log):
+        assert a["actor/aer/coef"] == b["actor/aer/coef"] and a["actor/aer/target"] == b["actor/aer/target"]
+    state = (tmp_path / "full" / "global_step_3" / STATE_FILE).read_bytes()
+    assert (tmp_path / "resumed" / "global_step_3" / STATE_FILE).read_bytes() == state
+    assert resumed.aer.regularizer.state_dict() == full.aer.regularizer.state_dict()
+
+    (tmp_path / "full" / "global_step_1" / STATE_FILE).unlink()
+    _, fresh_log = run_v1(
+        tmp_path, "fresh", store, monkeypatch, "trainer.total_training_steps=3", "trainer.resume_mode=resume_path",
+        f"trainer.resume_from_path={tmp_path / 'full' / 'global_step_1'}",
+    )
+    assert fresh_log[-1]["actor/aer/coef"] != full_log[-1]["actor/aer/coef"]
