@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml constraints/dev.txt
 $(VENV)/.installed-demo: pyproject.toml constraints/dev.txt
 	$(call install,$(DEMO_EXTRAS))
 
-# OpenRLHF does not install without CUDA; its tests load one module from the wheel itself.
+# OpenRLHF does not install without CUDA; its tests import its modules from the wheel (no dependencies).
 OPENRLHF_WHEEL := .cache/openrlhf/.stamp
 $(OPENRLHF_WHEEL): | $(VENV)/.installed-test
 	$(BIN)/python -m pip download -q --no-deps openrlhf==0.11.2 -d .cache/openrlhf

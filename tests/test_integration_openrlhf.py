@@ -693,6 +693,48 @@ def test_install_swaps_the_classes_where_openrlhf_looks_them_up(o):
     assert (trainer_mod.RemoteExperienceMaker, o.ppo_actor.ActorPPOTrainer, o.ppo_actor.PolicyModelActor) == originals
 
 
+def test_swap_when_ray_unpickles_our_actor_class_first(o):
+    """In a Ray worker the first import is often ours: unpickling AERPolicyModelActor imports
+    .actor, which imports OpenRLHF's ppo_actor, whose import runs the hook's swap while .actor is
+    half-initialized. The swap must still happen (when .actor finishes)."""
+    from entropy_reg.integrations.openrlhf import hook
+
+    names = ("entropy_reg.integrations.openrlhf.actor", "openrlhf.trainer.ray.ppo_actor")
+    saved = {n: sys.modules.pop(n) for n in names}
+    del sys.modules["openrlhf.trainer.ray"].ppo_actor  # as in a fresh worker: never imported
+    finder = _StubFinder()  # ppo_actor imports deepspeed at its top
+    sys.meta_path.insert(0, finder)
+    hook.install()
+    try:
+        fresh = importlib.import_module(names[0])
+        target = sys.modules[names[1]]
+        assert target is not saved[names[1]]
+        assert target.ActorPPOTrainer is fresh.AERActorPPOTrainer
+        assert target.PolicyModelActor is fresh.AERPolicyModelActor
+        assert issubclass(fresh.AERActorPPOTrainer, target.ActorPPOTrainer.__mro__[1])
+    finally:
+        hook.uninstall()
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m.split(".")[0] in _STUBBED]:
+            del sys.modules[name]
+        for name, module in saved.items():  # the modules and their parents' attributes, as they were
+            sys.modules[name] = module
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, module)
+
+
+def test_the_classes_are_openrlhf_0_11_2s():
+    """Defect 2: the docs named ActorModelActor; 0.11.2's policy actor is PolicyModelActor."""
+    o = openrlhf()
+    assert issubclass(o.actor.AERPolicyModelActor.__ray_actor_class__, o.ppo_actor.PolicyModelActor.__ray_actor_class__)
+    assert issubclass(o.actor.AERActorPPOTrainer, o.ppo_actor.ActorPPOTrainer)
+    assert issubclass(o.maker.AERExperienceMaker, o.experience_maker.RemoteExperienceMaker)
+    assert not hasattr(o.ppo_actor, "ActorModelActor")
+    for doc in ("README.md", os.path.join("docs", "integrations.md")):
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            assert "ActorModelActor" not in f.read()
+
+
 # ---------------------------------------------------------------- two gloo ranks
 
 
@@ -746,7 +788,7 @@ def test_two_gloo_ranks_one_update_and_empty_windows(tmp_path, o):
         for p in procs:
             p.start()
         for p in procs:
-            p.join(timeout=300)
+            p.join(timeout=240)
         for p in procs:
             if p.is_alive():
                 p.kill()
