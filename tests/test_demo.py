@@ -23,7 +23,7 @@ from entropy_reg.demo import runner  # noqa: E402
 from entropy_reg.demo.grpo import pass_at_k  # noqa: E402
 from entropy_reg.demo.policy import PolicyConfig, TinyTransformer  # noqa: E402
 from entropy_reg.demo.report import moving_average  # noqa: E402
-from entropy_reg.demo.task import EOS, EQUALS, PLUS, VOCAB_SIZE, AdditionTask, Batch  # noqa: E402
+from entropy_reg.demo.task import EOS, EQUALS, PLUS, VOCAB_SIZE, AdditionTask, Batch, DigitSumTask  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,10 +39,10 @@ def _reference_tokens(a: int, b: int, width: int) -> tuple[list[int], list[int]]
 
 def _batch(pairs: list[tuple[int, int]], task: AdditionTask) -> Batch:
     prompts = torch.tensor([_reference_tokens(a, b, task.max_digits)[0] for a, b in pairs])
-    a = torch.tensor([p[0] for p in pairs])
-    b = torch.tensor([p[1] for p in pairs])
+    answers = [_reference_tokens(a, b, task.max_digits)[1] for a, b in pairs]
+    reference = torch.tensor([ans + [0] * (task.answer_len - len(ans)) for ans in answers])
     digits = torch.tensor([max(len(str(x)), len(str(y))) for x, y in pairs])
-    return Batch(prompts, a, b, digits)
+    return Batch(prompts, digits, reference)
 
 
 def test_reward_matches_string_arithmetic() -> None:
@@ -64,10 +64,52 @@ def test_reward_matches_string_arithmetic() -> None:
     assert task.reward(batch, torch.tensor(no_eos)).tolist() == [0.0] * len(pairs)
     # The prompts the task builds are the reference ones.
     made = task.make(torch.tensor([4, 1, 3]), torch.Generator().manual_seed(1))
-    for row, a, b in zip(made.prompts.tolist(), made.a.tolist(), made.b.tolist()):
-        assert row == _reference_tokens(a, b, task.max_digits)[0]
+    a_made, b_made = task.operands(made)
+    for row, ref, a, b in zip(made.prompts.tolist(), made.reference.tolist(), a_made.tolist(), b_made.tolist()):
+        prompt, answer = _reference_tokens(a, b, task.max_digits)
+        assert row == prompt
+        assert ref == answer + [0] * (task.answer_len - len(answer))
     assert made.difficulty.tolist() == [4, 1, 3]
-    assert [max(len(str(a)), len(str(b))) for a, b in zip(made.a.tolist(), made.b.tolist())] == [4, 1, 3]
+    assert [max(len(str(a)), len(str(b))) for a, b in zip(a_made.tolist(), b_made.tolist())] == [4, 1, 3]
+    # The reference answers are what the verifier accepts.
+    assert task.reward(made, made.reference).tolist() == [1.0, 1.0, 1.0]
+
+
+def _digitsum_reference_reward(prompt: list[int], response: list[int]) -> float:
+    """From the prompt's meaning: n digits, then EOS, whose sum is S (anything after EOS ignored)."""
+    total, n = prompt[0] + 10 * prompt[1], prompt[3]
+    body = response[:n]
+    ok = len(response) > n and response[n] == EOS and all(t < 10 for t in body) and sum(body) == total
+    return float(ok)
+
+
+def test_digitsum_reward_matches_reference() -> None:
+    task = DigitSumTask(4)
+    gen = torch.Generator().manual_seed(0)
+    batch = task.sample(400, None, gen)
+    assert set(batch.difficulty.tolist()) == {1, 2, 3, 4}
+    n = batch.prompts[:, 3]
+    total = batch.prompts[:, 0] + 10 * batch.prompts[:, 1]
+    assert bool((total <= 9 * n).all()) and bool((total >= 0).all())
+    assert batch.prompts[:, 2].eq(PLUS).all() and batch.prompts[:, 4].eq(EQUALS).all()
+    # Every reference answer is right; random responses, and references with one token
+    # changed, are checked against the rule written from the prompt's meaning.
+    assert task.reward(batch, batch.reference).tolist() == [1.0] * 400
+    rng = random.Random(1)
+    for responses in (
+        torch.randint(0, VOCAB_SIZE, (400, task.answer_len), generator=gen),
+        batch.reference.clone().index_put_(
+            (torch.arange(400), torch.tensor([rng.randrange(task.answer_len) for _ in range(400)])),
+            torch.tensor([rng.randrange(VOCAB_SIZE) for _ in range(400)]),
+        ),
+    ):
+        expected = [_digitsum_reference_reward(p, r) for p, r in zip(batch.prompts.tolist(), responses.tolist())]
+        assert 0 < sum(expected) < 400
+        assert task.reward(batch, responses).tolist() == expected
+    # Many right answers: the references drawn for the same prompt (S = 18, n = 4) differ.
+    hard = task.make(torch.full((2000,), 4), gen)
+    same = hard.reference[(hard.prompts[:, 0] + 10 * hard.prompts[:, 1]) == 18]
+    assert len(same) > 20 and len({tuple(r) for r in same.tolist()}) > 10
 
 
 def test_response_mask_stops_after_first_eos() -> None:

@@ -21,7 +21,8 @@ The ablations (``--ablate``) remove one AER component each, through
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,8 +43,9 @@ DEMO_AER = AERConfig(coef_lr=0.02, coef_max=0.3)
 @dataclass(frozen=True)
 class ArmSpec:
     """One arm. ``kind`` is "none", "fixed" or "aer"; ``coef`` is the constant of a
-    fixed arm (or the frozen alpha of the no-controller ablation); the three flags
-    switch AER's components on or off."""
+    fixed arm (or the frozen alpha of the no-controller ablation); ``aer`` holds
+    :class:`AERConfig` fields that override the base configuration; the three
+    flags switch AER's components on or off."""
 
     name: str
     kind: str
@@ -51,10 +53,11 @@ class ArmSpec:
     allocation: bool = True
     anchored: bool = True
     adaptive: bool = True
+    aer: dict[str, Any] = field(default_factory=dict)
 
     def aer_config(self, base: AERConfig) -> AERConfig:
-        """``base`` with this arm's components removed."""
-        cfg = base
+        """``base`` with this arm's overrides applied and its components removed."""
+        cfg = replace(base, **self.aer)
         if not self.allocation:
             cfg = replace(cfg, difficulty_rule="uniform")
         if not self.anchored:

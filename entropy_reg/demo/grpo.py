@@ -1,4 +1,4 @@
-"""GRPO on the addition task, with the entropy bonus an arm prescribes.
+"""GRPO on a demo task, with the entropy bonus an arm prescribes.
 
 One step, as an LLM RLVR trainer does it:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ from ..distributed import masked_mean
 from ..entropy import token_logprobs_and_entropy
 from .arms import CoefficientSource
 from .policy import TinyTransformer, response_logits
-from .task import AdditionTask, Batch
+from .task import Batch, Task
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class GRPOConfig:
     """GRPO settings: ``steps`` rollout batches of ``prompts_per_step`` x ``group_size``
     responses, each used for ``minibatches`` AdamW steps (lr ``lr`` after a linear
     warm-up of ``warmup_steps`` GRPO steps, PPO clip ``clip_eps``); held-out pass@1
-    every ``eval_every`` steps, pass@1 and pass@``pass_k`` at the end.
+    every ``eval_every`` steps (``eval_samples`` per prompt), pass@1 and pass@k for each
+    k of ``pass_k`` at the end (``final_eval_samples`` per prompt, >= max k).
 
     The learning rate is near the largest at which this policy's GRPO stays
     stable (1e-3 and above degrade it within a few dozen steps here)."""
@@ -55,7 +56,7 @@ class GRPOConfig:
     eval_prompts_per_bucket: int = 32
     eval_samples: int = 4  # per prompt, for the curves during training
     final_eval_samples: int = 16  # per prompt, for pass@1 and pass@k at the end
-    pass_k: int = 8
+    pass_k: tuple[int, ...] = (8,)
 
 
 @dataclass
@@ -73,9 +74,10 @@ class ArmHistory:
 
 
 def evaluate(
-    policy: TinyTransformer, task: AdditionTask, prompts: Batch, samples: int, k: int | None, seed: int
+    policy: TinyTransformer, task: Task, prompts: Batch, samples: int, ks: Sequence[int], seed: int
 ) -> dict[str, dict[str, float]]:
-    """Held-out pass@1 (and unbiased pass@k when ``k`` is given) per difficulty bucket and overall.
+    """Held-out pass@1 and unbiased pass@k for each k of ``ks`` (each <= ``samples``), per
+    difficulty bucket and overall: ``{"pass@k": {"<bucket>": p, ..., "all": p}}``.
 
     pass@k is :func:`pass_at_k` per prompt, averaged over prompts.
     """
@@ -85,13 +87,12 @@ def evaluate(
     correct = task.reward(expanded, responses).view(-1, samples).sum(dim=1).long().cpu()
     difficulty = prompts.difficulty.cpu()
     out: dict[str, dict[str, float]] = {"pass@1": {}}
-    if k is not None:
-        out[f"pass@{k}"] = {}
+    out.update({f"pass@{k}": {} for k in ks})
     selections = [(str(b), difficulty == b) for b in task.buckets]
     for name, sel in selections + [("all", torch.ones_like(difficulty, dtype=torch.bool))]:
         c = correct[sel].tolist()
         out["pass@1"][name] = sum(c) / (samples * len(c))
-        if k is not None:
+        for k in ks:
             out[f"pass@{k}"][name] = sum(pass_at_k(samples, ci, k) for ci in c) / len(c)
     return out
 
@@ -107,7 +108,7 @@ def train_arm(
     source: CoefficientSource,
     init_state: dict[str, Tensor],
     policy_factory: Callable[[], TinyTransformer],
-    task: AdditionTask,
+    task: Task,
     config: GRPOConfig,
     eval_prompts: Batch,
     seed: int,
@@ -131,7 +132,7 @@ def train_arm(
     for step in range(config.steps + 1):
         if step % config.eval_every == 0 or step == config.steps:
             policy.eval()
-            res = evaluate(policy, task, eval_prompts, config.eval_samples, None, seed + 2)
+            res = evaluate(policy, task, eval_prompts, config.eval_samples, (), seed + 2)
             hist.eval_step.append(step)
             hist.eval_pass1.append(res["pass@1"]["all"])
         if step == config.steps:
@@ -170,7 +171,7 @@ def train_arm(
 
 def _record(
     hist: ArmHistory, step: int, entropy: float, source: CoefficientSource, coefs: Tensor,
-    difficulty: Tensor, rewards: Tensor, task: AdditionTask,
+    difficulty: Tensor, rewards: Tensor, task: Task,
 ) -> None:
     hist.step.append(step)
     hist.entropy.append(entropy)

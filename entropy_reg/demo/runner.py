@@ -24,7 +24,7 @@ from .arms import DEMO_AER, ArmSpec, CoefficientSource
 from .grpo import GRPOConfig, train_arm
 from .policy import PolicyConfig, TinyTransformer
 from .report import COLLAPSE_FRACTION, format_table, plot, summarize, write_json
-from .task import VOCAB_SIZE, AdditionTask
+from .task import AdditionTask, Task
 from .warmstart import WarmStartConfig, warm_start
 
 # Constants of the fixed-coefficient arms: "low" lets entropy collapse, "high" blows it up.
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         config = replace(config, steps=args.steps, eval_every=min(config.eval_every, args.steps))
     task = AdditionTask()
-    policy_config = PolicyConfig(VOCAB_SIZE, task.prompt_len + task.answer_len)
+    policy_config = PolicyConfig(task.vocab_size, task.prompt_len + task.answer_len)
     warm_config = WarmStartConfig()
     seeds = list(range(args.seed, args.seed + args.seeds))
     specs = arm_specs(args.ablate)
@@ -181,7 +181,7 @@ def _progress(bar: Any) -> Callable[[dict[str, float]], None]:
     return on_step
 
 
-def _write_outputs(out: Path, payload: dict[str, Any], task: AdditionTask, n_seeds: int,
+def _write_outputs(out: Path, payload: dict[str, Any], task: Task, n_seeds: int,
                    aer_name: str | None, title: str) -> None:
     write_json(out / "results.json", payload)
     (out / "table.md").write_text(format_table(payload["summary"], task.buckets, n_seeds) + "\n")

@@ -18,20 +18,21 @@ import torch
 
 from ..entropy import token_logprobs_and_entropy
 from .policy import PolicyConfig, TinyTransformer, response_logits
-from .task import AdditionTask
+from .task import Task
 
 
 @dataclass(frozen=True)
 class WarmStartConfig:
+    """``steps`` AdamW steps (lr ``lr``) on batches of ``batch_size`` instances drawn
+    with the task's ``warm_difficulty_probs`` (mostly easy: competence then falls with difficulty)."""
+
     steps: int = 250
     batch_size: int = 128
     lr: float = 3e-3
-    # Mostly easy instances, a few hard ones: competence then falls with difficulty.
-    difficulty_probs: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
 
 
 def warm_start(
-    task: AdditionTask,
+    task: Task,
     policy_config: PolicyConfig,
     config: WarmStartConfig,
     seed: int,
@@ -39,7 +40,8 @@ def warm_start(
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Weights of the warm-started policy (on the CPU) and whether they came from the cache."""
     key = json.dumps(
-        {"task": task.max_digits, "policy": asdict(policy_config), "warm": asdict(config), "seed": seed,
+        {"task": task.key(), "probs": list(task.warm_difficulty_probs), "policy": asdict(policy_config),
+         "warm": asdict(config), "seed": seed,
          "torch": torch.__version__},
         sort_keys=True,
     )
@@ -54,7 +56,7 @@ def warm_start(
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(config.steps):
-        batch = task.sample(config.batch_size, list(config.difficulty_probs), generator)
+        batch = task.sample(config.batch_size, list(task.warm_difficulty_probs), generator)
         targets, mask = task.answers(batch)
         logp, _ = token_logprobs_and_entropy(response_logits(policy, batch.prompts, targets), targets, mask=mask)
         loss = -(logp * mask).sum() / mask.sum()

@@ -1,0 +1,488 @@
+"""Sensitivity study: fixed entropy coefficients vs AER, across tasks and policy sizes.
+
+    python benchmarks/aer_study.py                      # the full grid (about an hour on 2 cores)
+    python benchmarks/aer_study.py --quick --out DIR    # a seconds-long smoke run (the tests use it)
+    python benchmarks/aer_study.py --task addition --task mypkg.tasks:make_task --size small --width 96 --layers 3
+
+A grid of settings (task x policy size) x arms x seeds. Every run is the demo's
+GRPO loop (:mod:`entropy_reg.demo`) from a supervised warm start cached per
+(task, size, seed); every finished run is cached as JSON under a key of its
+full configuration, so a second invocation runs only what is missing, and an
+interrupted one loses only the runs in flight. Runs go to ``--jobs`` worker
+processes with one torch thread each.
+
+Arms (each setting): no entropy term; fixed coefficients on a log grid
+(:data:`FIXED_GRID`, from collapse to blow-up); AER with the library's
+defaults (``AERConfig()``); AER minus each component (uniform allocation, an
+absolute 0.2-nat target, a frozen coefficient); and the sign rule with an
+absolute 0.2-nat target and uniform weights (Skywork-OR1 / TRL style).
+``--tune`` adds the controller candidates of :data:`TUNING_ARMS`, on the first
+setting only: defaults are chosen there, the other settings are confirmation.
+
+Metrics per run (held-out prompts fixed per task): final pass@1; pass@k for
+k = 1..64 from 64 samples per prompt (unbiased estimator); AUC = the mean
+held-out pass@1 over training (trapezoid over the evaluation steps, divided by
+the steps); late and minimum entropy (moving average over 5% of the run) as a
+fraction of H0; alpha's mean, its mean absolute step-to-step change and its
+coefficient of variation over the second half of the run (chatter). Each
+is reported as the mean over seeds with a 95% Student-t interval.
+
+Outputs in ``--out``: ``aer_study.json`` (every run and the summaries),
+``aer_study.md`` (tables and the goal check) and ``aer_study.png`` (each
+metric against the fixed coefficient, one row per setting, AER as a band).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package next to this script, installed or not
+
+from entropy_reg.demo.arms import ArmSpec, CoefficientSource  # noqa: E402
+from entropy_reg.demo.grpo import GRPOConfig, train_arm  # noqa: E402
+from entropy_reg.demo.policy import SIZES, PolicyConfig, TinyTransformer  # noqa: E402
+from entropy_reg.demo.report import COLLAPSE_FRACTION, moving_average, smoothing_window  # noqa: E402
+from entropy_reg.demo.task import BUILTIN_TASKS, Task  # noqa: E402
+from entropy_reg.demo.warmstart import WarmStartConfig, warm_start  # noqa: E402
+from entropy_reg.regularizer import AERConfig  # noqa: E402
+
+MAX_K = 64
+FIXED_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+# The sign rule's step (alpha units per step): reaches the grid's 0.1 in 20 steps.
+SIGN_LR = 5e-3
+# The demo's GRPO (16 prompts x 8 samples; half that batch barely learns) for 150 steps:
+# sized so the whole grid fits in about an hour on 2 cores.
+GRPO = GRPOConfig(steps=150, eval_every=15, eval_prompts_per_bucket=16, eval_samples=4,
+                  final_eval_samples=MAX_K, pass_k=tuple(range(1, MAX_K + 1)))
+WARM = WarmStartConfig()
+SEEDS = 5
+QUICK_GRPO = replace(GRPO, steps=3, prompts_per_step=4, group_size=4, eval_every=1, eval_prompts_per_bucket=2,
+                     eval_samples=2, final_eval_samples=8, pass_k=tuple(range(1, 9)))
+QUICK_WARM = WarmStartConfig(steps=3, batch_size=16)
+# Held-out prompts: one fixed set per task, the same for every seed and arm.
+EVAL_SEED = 1_000_003
+# Controller candidates (AERConfig overrides), run with --tune on the tuning setting only.
+TUNING_ARMS: dict[str, dict[str, Any]] = {
+    # The demo's controller before this study: an integral rule on the raw entropy.
+    "integral, lr 0.02, max 0.3": {"coef_lr": 0.02, "coef_max": 0.3},
+    # Multiplicative PI: relative steps, so no setting depends on the loss scale.
+    "log PI, lr 0.1, damping 1, [1e-3, 1]": {"coef_rule": "log", "coef_lr": 0.1, "coef_damping": 1.0,
+                                             "coef_init": 1e-3, "coef_min": 1e-3, "coef_max": 1.0},
+    "log PI, lr 0.1, damping 1, [1e-3, 1], target 0.75 H0": {"coef_rule": "log", "coef_lr": 0.1, "coef_damping": 1.0,
+                                                             "coef_init": 1e-3, "coef_min": 1e-3, "coef_max": 1.0,
+                                                             "target_ratio": 0.75},
+}
+
+
+def core_arms() -> list[ArmSpec]:
+    """The arms every setting runs (see the module docstring)."""
+    return [
+        ArmSpec("no entropy", "none"),
+        *(ArmSpec(f"fixed {c:g}", "fixed", c) for c in FIXED_GRID),
+        ArmSpec("AER", "aer"),
+        ArmSpec("AER - difficulty", "aer", allocation=False),
+        ArmSpec("AER - anchor", "aer", anchored=False),
+        ArmSpec("AER - controller", "aer", coef=FIXED_GRID[len(FIXED_GRID) // 2], adaptive=False),
+        ArmSpec("sign rule (0.2-nat target)", "aer", allocation=False, anchored=False,
+                aer={"coef_rule": "sign", "coef_lr": SIGN_LR, "coef_max": 1.0}),
+    ]
+
+
+def load_task(spec: str) -> Task:
+    """A built-in task by name, or ``module:factory`` (a callable returning a task, or a class)."""
+    if ":" not in spec:
+        if spec not in BUILTIN_TASKS:
+            raise ValueError(f"--task: unknown task {spec!r}; built-in: {sorted(BUILTIN_TASKS)}, or module:factory")
+        return BUILTIN_TASKS[spec]()
+    module, _, attr = spec.partition(":")
+    task = getattr(importlib.import_module(module), attr)()
+    missing = [m for m in ("name", "vocab_size", "eos", "prompt_len", "answer_len", "buckets",
+                           "warm_difficulty_probs", "key", "sample", "make", "answers", "response_mask", "reward")
+               if not hasattr(task, m)]
+    if missing:
+        raise TypeError(f"--task {spec}: the task lacks {missing} (see entropy_reg.demo.task.Task)")
+    return task
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: everything that determines its result (the cache key hashes all of it)."""
+
+    task: str
+    size: tuple[int, int]
+    arm: ArmSpec
+    seed: int
+    grpo: GRPOConfig
+    warm: WarmStartConfig
+
+    @property
+    def setting(self) -> str:
+        return f"{self.task} / {size_name(self.size)}"
+
+    def key(self) -> str:
+        """What the run computes, not what it is called: an arm whose AER settings equal another
+        arm's (e.g. a tuning candidate that became the default) shares its cached result."""
+        task = load_task(self.task)
+        payload = {"task": self.task, "task_key": task.key(), "size": list(self.size), "kind": self.arm.kind,
+                   "coef": self.arm.coef if self.arm.kind == "fixed" else None,
+                   "aer": self.arm.aer_config(AERConfig()).to_dict() if self.arm.kind == "aer" else None,
+                   "seed": self.seed, "grpo": asdict(self.grpo), "warm": asdict(self.warm),
+                   "eval_seed": EVAL_SEED, "torch": torch.__version__}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def size_name(size: tuple[int, int]) -> str:
+    named = {v: k for k, v in SIZES.items()}
+    return named.get(size, f"d{size[0]}-l{size[1]}")
+
+
+def _policy_config(task: Task, size: tuple[int, int]) -> PolicyConfig:
+    return PolicyConfig(task.vocab_size, task.prompt_len + task.answer_len, d_model=size[0], n_layers=size[1])
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def warm_job(task_spec: str, size: tuple[int, int], seed: int, warm: WarmStartConfig, cache: Path) -> float:
+    """Warm-start one (task, size, seed) into the cache; returns the seconds it took (0 if cached)."""
+    t0 = time.perf_counter()
+    task = load_task(task_spec)
+    _, cached = warm_start(task, _policy_config(task, size), warm, seed, cache)
+    return 0.0 if cached else time.perf_counter() - t0
+
+
+def run_job(job: Job, cache: Path) -> tuple[dict[str, Any], bool]:
+    """Train one run, or load it from the cache; returns its record (see :func:`run_metrics`)
+    and whether it came from the cache."""
+    path = cache / f"run-{job.key()}.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        record.update(setting=job.setting, arm=job.arm.name)
+        return record, True
+    task = load_task(job.task)
+    policy_config = _policy_config(task, job.size)
+    state, _ = warm_start(task, policy_config, job.warm, job.seed, cache)
+    eval_prompts = task.make(torch.tensor(task.buckets).repeat_interleave(job.grpo.eval_prompts_per_bucket),
+                             torch.Generator().manual_seed(EVAL_SEED))
+    history, final, wall = train_arm(CoefficientSource(job.arm, AERConfig()), state,
+                                     lambda: TinyTransformer(policy_config), task, job.grpo, eval_prompts,
+                                     job.seed, torch.device("cpu"))
+    # The raw numbers, not the metrics: a metric added later needs no rerun.
+    record = {"setting": job.setting, "task": job.task, "size": list(job.size), "arm": job.arm.name,
+              "seed": job.seed, "wall_s": wall, "final": final,
+              "history": {k: asdict(history)[k] for k in ("step", "entropy", "coef", "eval_step", "eval_pass1")}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, allow_nan=False))
+    tmp.replace(path)  # atomic: a killed run leaves no half-written record
+    return record, False
+
+
+def run_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """The study's per-run numbers from a run's record (its history and final evaluation)."""
+    history, final = record["history"], record["final"]
+    kmax = max(int(m.split("@")[1]) for m in final)
+    h = history["entropy"]
+    smooth = moving_average(h, smoothing_window(len(h)))
+    h0 = h[0]
+    collapse = next((s for s, v in zip(history["step"], smooth) if v < COLLAPSE_FRACTION * h0), None)
+    coef = history["coef"]
+    steps, p1 = history["eval_step"], history["eval_pass1"]
+    auc = sum((steps[i + 1] - steps[i]) * (p1[i] + p1[i + 1]) / 2 for i in range(len(steps) - 1)) / steps[-1]
+    return {
+        "pass@1": final["pass@1"]["all"],
+        "pass@k": [final[f"pass@{k}"]["all"] for k in range(1, kmax + 1)],
+        "pass@kmax": final[f"pass@{kmax}"]["all"],
+        "auc": auc,
+        "H0": h0,
+        "H_late/H0": smooth[-1] / h0,
+        "H_min/H0": min(smooth) / h0,
+        "collapsed": collapse is not None,
+        "alpha_mean": mean(coef),
+        "alpha_step": mean(abs(b - a) for a, b in zip(coef, coef[1:])) if len(coef) > 1 else 0.0,
+        "alpha_cv_late": _cv(coef[len(coef) // 2:]),
+    }
+
+
+def _cv(xs: list[float]) -> float:
+    """Coefficient of variation (population std / mean) of ``xs``; 0 when the mean is 0."""
+    m = math.fsum(xs) / len(xs)
+    return 0.0 if m == 0.0 else math.sqrt(math.fsum((x - m) ** 2 for x in xs) / len(xs)) / m
+
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables); 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
+    m = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    df = len(values) - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    return m, t * stdev(values) / math.sqrt(len(values))
+
+
+SCALARS = ("pass@1", "pass@kmax", "auc", "H_late/H0", "H_min/H0", "alpha_mean", "alpha_step", "alpha_cv_late")
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{setting: {arm: {metric: [mean, half-width], "collapsed": n, "seeds": n, "pass@k": [means]}}}``;
+    ``pass@kmax`` is pass@k at the largest k (64 in the full study)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        out.setdefault(r["setting"], {}).setdefault(r["arm"], []).append(r)
+    summary: dict[str, dict[str, Any]] = {}
+    for setting, arms in out.items():
+        summary[setting] = {}
+        for arm, runs in arms.items():
+            ms = [run_metrics(r) for r in runs]
+            row: dict[str, Any] = {m: list(mean_ci([x[m] for x in ms])) for m in SCALARS}
+            row["pass@k"] = [mean(v) for v in zip(*(x["pass@k"] for x in ms))]
+            row["collapsed"] = sum(x["collapsed"] for x in ms)
+            row["seeds"] = len(ms)
+            summary[setting][arm] = row
+    return summary
+
+
+def goal_check(rows: dict[str, Any], kmax: int, aer: str = "AER") -> list[str]:
+    """Lines saying where ``aer`` stands against the best fixed coefficient and no entropy term."""
+    fixed = {a: r for a, r in rows.items() if a.startswith("fixed ")}
+    if aer not in rows or not fixed:
+        return []
+    a = rows[aer]
+    lines = []
+    names = {"pass@1": "pass@1", "pass@kmax": f"pass@{kmax}", "auc": "AUC"}
+    for m in ("pass@1", "pass@kmax", "auc"):
+        best = max(fixed, key=lambda f: fixed[f][m][0])
+        lo = fixed[best][m][0] - fixed[best][m][1]
+        ok = a[m][0] >= lo
+        lines.append(f"- {names[m]}: {aer} {a[m][0]:.3f} vs best fixed ({best}) {fixed[best][m][0]:.3f} "
+                     f"± {fixed[best][m][1]:.3f}: {'within or above its interval' if ok else f'BELOW its interval by {lo - a[m][0]:.3f}'}")
+    if "no entropy" in rows:
+        n = rows["no entropy"]
+        for m in ("pass@kmax", "auc"):
+            d = a[m][0] - n[m][0]
+            lines.append(f"- {names[m]}: {aer} {'above' if d > 0 else 'NOT above'} no entropy by {d:+.3f} "
+                         f"({aer} {a[m][0]:.3f} ± {a[m][1]:.3f}, no entropy {n[m][0]:.3f} ± {n[m][1]:.3f})")
+    return lines
+
+
+def format_markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    kmax = meta["grpo"]["pass_k"][-1]
+    cols = [("pass@1", "pass@1"), ("pass@kmax", f"pass@{kmax}"), ("auc", "AUC"), ("H_late/H0", "H late/H0"),
+            ("H_min/H0", "H min/H0"), ("alpha_mean", "alpha mean"), ("alpha_step", "alpha step"),
+            ("alpha_cv_late", "alpha CV late")]
+    lines = ["# AER sensitivity study", "",
+             f"{meta['steps']} GRPO steps per run, {meta['seeds']} seeds, mean ± 95% t-interval over seeds. "
+             f"Machine: {meta['machine']}. Wall time {meta['wall_s']:.0f} s with --jobs {meta['jobs']}.",
+             "Tuning setting (defaults chosen here): " + meta["tuning_setting"] + "; the others are confirmation.", ""]
+    for setting, rows in summary.items():
+        lines += [f"## {setting}", "", "| arm | " + " | ".join(c[1] for c in cols) + " | collapsed |",
+                  "|---" * (len(cols) + 2) + "|"]
+        for arm, r in rows.items():
+            cells = [f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m, _ in cols]
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {r['collapsed']}/{r['seeds']} |")
+        lines += [""] + goal_check(rows, kmax) + [""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, summary: dict[str, dict[str, Any]], kmax: int) -> None:
+    """Each metric against the fixed coefficient (log x), one row per setting; AER is a band
+    (mean ± 95% interval), no entropy a dashed line."""
+    from matplotlib.figure import Figure
+
+    metrics = [("pass@1", "final pass@1"), ("pass@kmax", f"pass@{kmax}"), ("auc", "AUC (mean pass@1 in training)"),
+               ("H_late/H0", "late entropy / H0")]
+    settings = list(summary)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.2 * len(settings) + 0.6), layout="constrained")
+    axes = fig.subplots(len(settings), len(metrics), squeeze=False)
+    for i, setting in enumerate(settings):
+        rows = summary[setting]
+        fixed = sorted((float(a.split()[1]), r) for a, r in rows.items() if a.startswith("fixed "))
+        for j, (m, label) in enumerate(metrics):
+            ax = axes[i][j]
+            if fixed:
+                xs = [c for c, _ in fixed]
+                ax.errorbar(xs, [r[m][0] for _, r in fixed], yerr=[r[m][1] for _, r in fixed], marker="o",
+                            color="tab:blue", capsize=3, label="fixed coefficient")
+                ax.set_xscale("log")
+            if "AER" in rows:
+                mu, hw = rows["AER"][m]
+                ax.axhspan(mu - hw, mu + hw, color="tab:red", alpha=0.25, label="AER (95% interval)")
+                ax.axhline(mu, color="tab:red", lw=1.5)
+            if "no entropy" in rows:
+                ax.axhline(rows["no entropy"][m][0], color="black", ls="--", lw=1.2, label="no entropy")
+            if m == "H_late/H0":
+                ax.set_yscale("log")
+            ax.set(title=f"{setting}: {label}", xlabel="fixed entropy coefficient")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+def build_jobs(tasks: list[str], sizes: list[tuple[int, int]], seeds: list[int], grpo: GRPOConfig,
+               warm: WarmStartConfig, tune: bool, only: list[str] | None = None) -> list[Job]:
+    """Every (setting, arm, seed); ``only`` keeps the arms of those names."""
+    jobs = []
+    for ti, task in enumerate(tasks):
+        for si, size in enumerate(sizes):
+            arms = core_arms()
+            if tune and ti == 0 and si == 0:
+                arms += [ArmSpec(f"tune: {name}", "aer", aer=cfg) for name, cfg in TUNING_ARMS.items()]
+            if only is not None:
+                unknown = set(only) - {a.name for a in arms}
+                if unknown:
+                    raise ValueError(f"--arm: unknown arms {sorted(unknown)}; known: {[a.name for a in arms]}")
+                arms = [a for a in arms if a.name in only]
+            jobs += [Job(task, size, arm, seed, grpo, warm) for arm in arms for seed in seeds]
+    # Seed-major: an interrupted study has every arm on its first seeds, not some arms on all.
+    return sorted(jobs, key=lambda j: j.seed)
+
+
+def execute(jobs: list[Job], cache: Path, n_jobs: int, threads: int,
+            on_done: Callable[[tuple[dict[str, Any], bool]], None]) -> None:
+    """Warm starts first, then the runs, ``n_jobs`` at a time; ``on_done`` gets each
+    :func:`run_job` result in order of completion."""
+    warm_keys = sorted({(j.task, j.size, j.seed, j.warm) for j in jobs}, key=repr)
+    if n_jobs == 1:
+        _init_worker(threads)
+        for t, s, seed, w in warm_keys:
+            warm_job(t, s, seed, w, cache)
+        for job in jobs:
+            on_done(run_job(job, cache))
+        return
+    with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        _drain([pool.submit(warm_job, t, s, seed, w, cache) for t, s, seed, w in warm_keys], lambda _: None)
+        _drain([pool.submit(run_job, job, cache) for job in jobs], on_done)
+
+
+def _drain(futures: Iterable[Future], on_done: Callable[[Any], None]) -> None:
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for f in done:
+            on_done(f.result())
+
+
+def _size(text: str) -> tuple[int, int]:
+    if text in SIZES:
+        return SIZES[text]
+    raise argparse.ArgumentTypeError(f"unknown size {text!r}; named sizes: {sorted(SIZES)} (or --width/--layers)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aer_study.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", action="append", help="built-in task name or module:factory (repeat; default addition, digitsum)")
+    p.add_argument("--size", action="append", type=_size,
+                   help=f"named policy size {sorted(SIZES)} (repeat; default small, large; --quick: small)")
+    p.add_argument("--width", type=_positive, help="with --layers: one custom policy size instead of --size")
+    p.add_argument("--layers", type=_positive, help="with --width")
+    p.add_argument("--seeds", type=_positive, help=f"seeds 0..N-1 (default {SEEDS}; --quick 2)")
+    p.add_argument("--steps", type=_positive, help=f"GRPO steps per run (default {GRPO.steps})")
+    p.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1, help="worker processes (default: the core count)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--arm", action="append", help="run only the arms of these names (repeat; default: all)")
+    p.add_argument("--tune", action="store_true", help="also run the controller candidates on the first setting")
+    p.add_argument("--quick", action="store_true", help="a few steps on tiny batches: checks the machinery, not AER")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output folder")
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "aer_study",
+                   help="run and warm-start cache (default .cache/aer_study)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.width is None) != (args.layers is None):
+        build_parser().error("--width and --layers go together")
+    tasks = args.task or ["addition", "digitsum"]
+    for t in tasks:
+        load_task(t)  # a bad --task fails before any run starts
+    default_sizes = [SIZES["small"]] if args.quick else [SIZES["small"], SIZES["large"]]
+    sizes = [(args.width, args.layers)] if args.width else (args.size or default_sizes)
+    grpo, warm = (QUICK_GRPO, QUICK_WARM) if args.quick else (GRPO, WARM)
+    if args.steps:
+        grpo = replace(grpo, steps=args.steps, eval_every=min(grpo.eval_every, args.steps))
+    seeds = list(range(args.seeds or (2 if args.quick else SEEDS)))
+    out: Path = args.out
+    cache: Path = args.cache
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    only = args.arm
+    try:
+        jobs = build_jobs(tasks, sizes, seeds, grpo, warm, args.tune, only)
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    order = {(j.setting, j.arm.name, j.seed): i for i, j in enumerate(jobs)}
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    meta = {"steps": grpo.steps, "seeds": len(seeds), "jobs": args.jobs, "threads": args.threads,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "torch": torch.__version__, "tuning_setting": jobs[0].setting, "grpo": asdict(grpo), "warm": asdict(warm),
+            "fixed_grid": list(FIXED_GRID), "aer_defaults": AERConfig().to_dict(), "tuning_arms": TUNING_ARMS}
+
+    def write() -> None:
+        records.sort(key=lambda r: order[(r["setting"], r["arm"], r["seed"])])
+        summary = summarize(records)
+        meta["wall_s"] = time.perf_counter() - started
+        payload = {"meta": meta, "summary": summary, "runs": records}
+        tmp = out / "aer_study.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
+        tmp.replace(out / "aer_study.json")
+        (out / "aer_study.md").write_text(format_markdown(summary, meta) + "\n")
+
+    def on_done(result: tuple[dict[str, Any], bool]) -> None:
+        record, cached = result
+        records.append(record)
+        print(f"[{len(records)}/{len(jobs)}] {record['setting']} | {record['arm']} | seed {record['seed']}: "
+              f"pass@1 {record['final']['pass@1']['all']:.3f}, "
+              + ("cached" if cached else f"wall {record['wall_s']:.0f} s"), flush=True)
+        write()
+
+    print(f"{len(jobs)} runs ({len(tasks)} tasks x {len(sizes)} sizes, {len(seeds)} seeds), --jobs {args.jobs}", flush=True)
+    try:
+        execute(jobs, cache, args.jobs, args.threads, on_done)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished runs are cached in {cache}", file=sys.stderr)
+        return 130
+    plot(out / "aer_study.png", summarize(records), grpo.pass_k[-1])
+    print(format_markdown(summarize(records), meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
