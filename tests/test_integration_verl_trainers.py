@@ -407,14 +407,14 @@ def entropy_reference(policy: TinyPolicy, store: FakeStore, keys: list[str]) -> 
     return sum(h) / len(h)
 
 
-def check_micro_batches(policy, store, records, coefs_by_step, mode, micro_per_mini=4):
+def check_micro_batches(policy, store, records, coefs_by_step, mode, micro_per_mini=4, minis_per_step=2):
     """Every micro-batch's coefficients belong to its samples; each mini-batch's summed bonus metric
     equals the float64 aggregate over that mini-batch's samples (padding rows contribute nothing)."""
-    assert len(records) == micro_per_mini * 2 * len(coefs_by_step)
+    assert len(records) == micro_per_mini * minis_per_step * len(coefs_by_step)
     minis = [records[i:i + micro_per_mini] for i in range(0, len(records), micro_per_mini)]
     shuffled = False
     for m, mini in enumerate(minis):
-        coefs = coefs_by_step[m // 2]
+        coefs = coefs_by_step[m // minis_per_step]
         rows, bonus = [], 0.0
         for rec in mini:
             for idx, c, n in zip(rec["sample_idx"].tolist(), rec[COEF_KEY].tolist(), rec["mask_sum"]):
@@ -568,3 +568,100 @@ def test_v1_resume_continues_the_controller_bit_for_bit(tmp_path, gloo, hydra_mo
         f"trainer.resume_from_path={tmp_path / 'full' / 'global_step_1'}",
     )
     assert fresh_log[-1]["actor/aer/coef"] != full_log[-1]["actor/aer/coef"]
+
+
+# ----------------------------------------------------------------------------------------------
+# legacy: RayPPOTrainer (trainer.use_v1=False)
+
+
+def legacy_batch(store: FakeStore, policy: TinyPolicy, step: int):
+    """The DataProto RayPPOTrainer.fit holds after generation and reward: left-padded prompts,
+    right-padded responses, token-level scores, prompt uids (rollout stub, as for v1)."""
+    from verl import DataProto
+
+    keys = rollout(store, step, 0, policy)
+    rows = [store.data["train"][k] for k in keys]
+    P = max(len(r["prompts"]) for r in rows)
+    R = max(len(r["responses"]) for r in rows)
+    n = len(rows)
+    prompts, responses = torch.zeros(n, P, dtype=torch.long), torch.zeros(n, R, dtype=torch.long)
+    attn, scores = torch.zeros(n, P + R, dtype=torch.long), torch.zeros(n, R)
+    for i, r in enumerate(rows):
+        p, q = len(r["prompts"]), len(r["responses"])
+        prompts[i, P - p:], responses[i, :q] = r["prompts"], r["responses"]
+        attn[i, P - p:P + q] = 1
+        scores[i, :q] = r["rm_scores"]
+    batch = DataProto.from_single_dict({
+        "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": attn, "position_ids": torch.clamp(attn.cumsum(-1) - 1, min=0),
+        "response_mask": attn[:, P:], "token_level_scores": scores, "token_level_rewards": scores,
+        "sample_idx": torch.stack([r["sample_idx"] for r in rows]),
+    })
+    batch.non_tensor_batch["uid"] = np.array([r["uid"] for r in rows], dtype=object)
+    batch.meta_info["global_token_num"] = attn.sum(-1).tolist()  # as fit sets it
+    return keys, batch
+
+
+def build_legacy(cfg, policy, monkeypatch):
+    from torch.utils.data import Dataset
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.utils import Role
+
+    class Prompts(Dataset):  # the dataset RayPPOTrainer's dataloader iterates (prompts only)
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.tensor([i + 1]), "raw_prompt": f"prompt {i}"}
+
+    install(False)
+    from verl.trainer import main_ppo_v0
+
+    cls = main_ppo_v0.RayPPOTrainer  # what main_ppo_v0.TaskRunner.run builds
+    wg = ActorWorkerGroup(cpu_worker(policy, cfg.actor_rollout_ref.actor))
+
+    def init_workers_stub(self):
+        # verl's init_workers creates the Ray worker groups (GPU) and rollout servers.
+        self.actor_rollout_wg = wg
+        self.distillation_config = None
+
+    monkeypatch.setattr(RayPPOTrainer, "init_workers", init_workers_stub)
+    trainer = cls(config=cfg, tokenizer=None, role_worker_mapping={Role.ActorRollout: object},
+                  resource_pool_manager=None, train_dataset=Prompts(), val_dataset=Prompts())
+    trainer.init_workers()
+    return trainer, wg
+
+
+def test_legacy_ray_trainer_runs_aer(tmp_path, gloo, hydra_module, store, registry, monkeypatch):
+    """RayPPOTrainer (trainer.use_v1=False) as main_ppo_v0's task runner builds it after install():
+    entropy from verl's old-log-prob pass, coefficients per sample through verl's DataProto ->
+    no-padding conversion, shuffle and micro-batches, float64 bonus, checkpoint save and resume."""
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    cfg = verl_config(tmp_path, "trainer.use_v1=False", "actor_rollout_ref.actor.ppo_mini_batch_size=3")
+    policy = TinyPolicy()
+    trainer, wg = build_legacy(cfg, policy, monkeypatch)
+    assert type(trainer).__name__ == "AERRayPPOTrainer"
+    assert isinstance(wg.worker.loss_fn, AERLoss) and wg.worker.loss_fn.base.func.__name__ == "ppo_loss"
+    keys, batch = legacy_batch(store, policy, step=1)
+    trainer.global_steps = 1
+    old_log_prob, _ = trainer._compute_old_log_prob(batch)
+    assert trainer._aer_metrics["actor/aer/entropy"] == pytest.approx(entropy_reference(policy, store, keys), rel=1e-5)
+    batch = batch.union(old_log_prob.pop(batch_keys=["old_log_probs"]))
+    batch = compute_advantage(batch, adv_estimator=cfg.algorithm.adv_estimator, num_repeat=N_ROLLOUT)
+    out = trainer._update_actor(batch)
+    metrics = out.meta_info["metrics"]
+    alpha = trainer.aer.regularizer.value
+    assert metrics["actor/aer/coef"] == alpha and alpha > 0
+    coefs = {k: float(c) for k, c in zip(keys, batch.batch[COEF_KEY])}
+    check_micro_batches(policy, store, wg.worker.engine.micro_batches, [coefs], "token-mean",
+                        micro_per_mini=6, minis_per_step=1)
+
+    trainer._save_checkpoint()
+    assert (tmp_path / "ckpt" / "global_step_1" / STATE_FILE).exists()
+    resumed, _ = build_legacy(verl_config(tmp_path, "trainer.use_v1=False"), TinyPolicy(seed=5), monkeypatch)
+    assert resumed.aer.regularizer.state_dict() != trainer.aer.regularizer.state_dict()
+    resumed._load_checkpoint()  # resume_mode=auto: verl finds global_step_1
+    assert resumed.global_steps == 1
+    assert resumed.aer.regularizer.state_dict() == trainer.aer.regularizer.state_dict()
+    assert torch.equal(resumed.actor_rollout_wg.worker.engine.policy.W, policy.W)
