@@ -17,6 +17,18 @@ After every update alpha is clipped to ``[min_value, max_value]``. Entropy
 below the target never lowers alpha and entropy above it never raises it (the
 updates are written so that floating-point rounding keeps this too).
 
+``damping`` (default 0) adds a proportional term, making the rule a PI
+controller: the rule above moves an integral ``I`` (clipped to the same
+bounds, so it never winds up past them), and
+
+- ``"proportional"``: ``alpha = clip(I + damping * e)``;
+- ``"log"``: ``alpha = clip(I * exp(damping * e))`` (relative, like ``lr``).
+
+An integral alone on a plant that responds with a lag (entropy moves several
+steps after alpha does) overshoots and cycles; the proportional term damps the
+loop. With ``damping > 0`` the monotone property holds for ``I``; alpha itself
+also falls while entropy, still below the target, climbs towards it.
+
 Defaults and where they come from (entropy coefficients used in practice for
 LLM RL lie between 1e-4 and 1e-2):
 
@@ -52,9 +64,12 @@ class GlobalCoefficientController:
         lr: step size, >= 0 (0 freezes alpha); None picks ``DEFAULT_LR[rule]``.
         min_value, max_value: clip range, ``0 <= min_value <= max_value``.
         rule: "proportional", "sign" or "log" (see the module docstring).
+        damping: proportional gain, >= 0, for "proportional" (alpha units) and "log"
+            (relative); 0 for "sign".
 
     Attributes:
         value: the current coefficient.
+        integral: the integral term ``I`` (equal to ``value`` when ``damping`` is 0).
     """
 
     def __init__(
@@ -65,6 +80,7 @@ class GlobalCoefficientController:
         min_value: float = 0.0,
         max_value: float = DEFAULT_MAX_VALUE,
         rule: str = "proportional",
+        damping: float = 0.0,
     ) -> None:
         if not isinstance(rule, str):
             raise TypeError(f"rule must be a str, got {type(rule).__name__}")
@@ -78,7 +94,11 @@ class GlobalCoefficientController:
             raise ValueError(f"min_value ({self.min_value}) must be <= max_value ({self.max_value})")
         if rule == "log" and self.min_value <= 0.0:
             raise ValueError("min_value must be > 0 for rule='log' (alpha moves multiplicatively)")
+        self.damping = as_scalar(damping, "damping", low=0.0)
+        if rule == "sign" and self.damping > 0.0:
+            raise ValueError("damping must be 0 for rule='sign' (its steps do not depend on the error's size)")
         self.value = self._check_value(initial, "initial")
+        self.integral = self.value
         self.steps = 0
         self.last_error: float | None = None
 
@@ -101,30 +121,39 @@ class GlobalCoefficientController:
         # e <= 1 always (h >= 0), but h / t overflows for a tiny target (H = 1, t = 1e-310);
         # -float max is the same full step down and keeps the state finite (JSON-safe).
         err = max((t - h) / t, -sys.float_info.max)
-        alpha = self.value
-        if self.lr > 0.0:  # lr == 0 would make 0 * inf = NaN for a huge entropy/target ratio
-            if self.rule == "proportional":
-                alpha = alpha + self.lr * err
-            elif self.rule == "sign":
-                alpha = alpha + self.lr * float((err > 0) - (err < 0))
-            else:
-                # alpha * exp(.) rather than exp(log alpha + .): exp(x) >= 1 for x >= 0, so
-                # rounding can never move alpha against the error's sign.
-                alpha = alpha * math.exp(min(self.lr * err, 700.0))
-        self.value = min(max(alpha, self.min_value), self.max_value)
+        if self.rule == "sign":
+            integral = self.integral + self.lr * float((err > 0) - (err < 0))
+        else:
+            integral = self._move(self.integral, self.lr, err)
+        self.integral = self._clip(integral)
+        self.value = self._clip(self._move(self.integral, self.damping, err))
         self.last_error = err
         self.steps += 1
         return self.value
 
+    def _move(self, x: float, gain: float, err: float) -> float:
+        """``x`` moved by ``gain * err``: added ("proportional") or as a factor ``exp(.)`` ("log")."""
+        if gain == 0.0:  # 0 * inf would be NaN for a huge entropy/target ratio
+            return x
+        if self.rule == "proportional":
+            return x + gain * err
+        # x * exp(.) rather than exp(log x + .): exp(y) >= 1 for y >= 0, so rounding can
+        # never move x against the error's sign.
+        return x * math.exp(min(gain * err, 700.0))
+
+    def _clip(self, x: float) -> float:
+        return min(max(x, self.min_value), self.max_value)
+
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe state: ``{"value", "steps", "last_error"}``."""
-        return {"value": self.value, "steps": self.steps, "last_error": self.last_error}
+        """JSON-safe state: ``{"value", "integral", "steps", "last_error"}``."""
+        return {"value": self.value, "integral": self.integral, "steps": self.steps, "last_error": self.last_error}
 
     def _parse_state(self, state: dict[str, Any], name: str = "state") -> dict[str, Any]:
-        state = as_state(state, ("value", "steps", "last_error"), name)
+        state = as_state(state, ("value", "integral", "steps", "last_error"), name)
         last = state["last_error"]
         return {
             "value": self._check_value(state["value"], f"{name}['value']"),
+            "integral": self._check_value(state["integral"], f"{name}['integral']"),
             "steps": as_count(state["steps"], f"{name}['steps']"),
             "last_error": None if last is None else as_scalar(last, f"{name}['last_error']", high=1.0),
         }
@@ -135,6 +164,7 @@ class GlobalCoefficientController:
 
     def _apply(self, parsed: dict[str, Any]) -> None:
         self.value = parsed["value"]
+        self.integral = parsed["integral"]
         self.steps = parsed["steps"]
         self.last_error = parsed["last_error"]
 

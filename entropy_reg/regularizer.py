@@ -50,7 +50,8 @@ class AERConfig:
     Target (:class:`AnchoredTarget`): ``target_ratio``, ``warmup_steps``,
     ``initial_entropy``, ``final_ratio``, ``schedule_steps``.
     Coefficient (:class:`GlobalCoefficientController`): ``coef_rule``,
-    ``coef_init``, ``coef_lr`` (None: the rule's default), ``coef_min``, ``coef_max``.
+    ``coef_init``, ``coef_lr`` (None: the rule's default), ``coef_min``, ``coef_max``,
+    ``coef_damping``.
     """
 
     difficulty_rule: str | Callable[[Tensor], Any] = "linear"
@@ -67,6 +68,7 @@ class AERConfig:
     coef_lr: float | None = None
     coef_min: float = 0.0
     coef_max: float = DEFAULT_MAX_VALUE
+    coef_damping: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python settings (a callable rule appears by its qualified name)."""
@@ -104,7 +106,8 @@ class AdaptiveEntropyRegularizer:
             schedule_steps=cfg.schedule_steps,
         )
         self.controller = GlobalCoefficientController(
-            cfg.coef_init, lr=cfg.coef_lr, min_value=cfg.coef_min, max_value=cfg.coef_max, rule=cfg.coef_rule
+            cfg.coef_init, lr=cfg.coef_lr, min_value=cfg.coef_min, max_value=cfg.coef_max, rule=cfg.coef_rule,
+            damping=cfg.coef_damping,
         )
         self.last_entropy: float | None = None
 

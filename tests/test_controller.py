@@ -183,12 +183,14 @@ def test_bad_update_leaves_state(entropy, target, name):
 @pytest.mark.parametrize(
     "state, name",
     [
-        ({"value": 0.5, "steps": 1, "last_error": None}, "value"),
-        ({"value": float("nan"), "steps": 1, "last_error": None}, "value"),
-        ({"value": 1e-3, "steps": -1, "last_error": None}, "steps"),
-        ({"value": 1e-3, "steps": 1.5, "last_error": None}, "steps"),
-        ({"value": 1e-3, "steps": 1, "last_error": float("inf")}, "last_error"),
-        ({"value": 1e-3, "steps": 1}, "last_error"),
+        ({"value": 0.5, "integral": 1e-3, "steps": 1, "last_error": None}, "value"),
+        ({"value": float("nan"), "integral": 1e-3, "steps": 1, "last_error": None}, "value"),
+        ({"value": 1e-3, "integral": 0.5, "steps": 1, "last_error": None}, "integral"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": -1, "last_error": None}, "steps"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1.5, "last_error": None}, "steps"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "last_error": float("inf")}, "last_error"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1}, "last_error"),
+        ({"value": 1e-3, "steps": 1, "last_error": None}, "integral"),
     ],
 )
 def test_bad_state_leaves_state(state, name):
