@@ -388,7 +388,8 @@ def driver_experiences(monkeypatch, o, config: AERConfig, **args):
     monkeypatch.setenv(CONFIG_ENV, config_to_env(config))
     a = make_args(**args)
     strategy = SimpleNamespace(args=a)
-    maker = o.maker.AERExperienceMaker(None, None, None, None, o.kl_controller.FixedKLController(0.0), strategy, Tokenizer())
+    kl = o.kl_controller.FixedKLController(0.0)
+    maker = o.maker.AERExperienceMaker(None, None, None, None, kl, strategy, Tokenizer())
     exps = maker.split_rollout_samples(rollout_samples(o))
     actor = TinyActor()
     with torch.no_grad():
@@ -453,7 +454,8 @@ class CPUStrategy:
             return {k: self.all_reduce(v, op) for k, v in data.items()}
         t = torch.as_tensor(data, dtype=torch.float64).clone()
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+            reduce_op = torch.distributed.ReduceOp
+            torch.distributed.all_reduce(t, op=reduce_op.MAX if op == "max" else reduce_op.SUM)
             if op == "mean":
                 t /= torch.distributed.get_world_size()
         return t if isinstance(data, torch.Tensor) else t.item()
@@ -504,7 +506,8 @@ def test_driver_weights_survive_split_balancing_and_the_replay_buffer(monkeypatc
     for e in exps:
         ids = e.sequences[:, 0]
         torch.testing.assert_close(e.info[WEIGHT_KEY].double(), ref[ids], rtol=1e-6, atol=0)
-        torch.testing.assert_close(e.info["aer/difficulty/accuracy"].double(), torch.full((len(ids),), acc, dtype=torch.float64))
+        acc_logged = e.info["aer/difficulty/accuracy"].double()
+        torch.testing.assert_close(acc_logged, torch.full((len(ids),), acc, dtype=torch.float64))
         long_solved = [k for k, i in enumerate(ids.tolist()) if i < 4 and RESPONSE_LEN[i] == 8]
         seen += [e.rewards[k].item() for k in long_solved]
     # The scenario of defect 1: OpenRLHF did penalise the long correct answers of the solved prompt ...

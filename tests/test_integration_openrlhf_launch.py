@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from entropy_reg.integrations.openrlhf import CONFIG_ENV, HOOK, config_from_env, hook
-from entropy_reg.integrations.openrlhf.__main__ import OPENRLHF_MAIN, main, parse_args, runtime_env_with_aer
+from entropy_reg.integrations.openrlhf.__main__ import main, parse_args, runtime_env_with_aer
 from entropy_reg.regularizer import AERConfig
 from tests.test_integration_openrlhf import openrlhf
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 from openrlhf.trainer.ray import ppo_actor
 from torch import Tensor
 
@@ -140,6 +139,8 @@ _NO_DS_CKPT = (
 )
 
 
+# PolicyModelActor is a Ray ActorClass, which cannot be subclassed; __ray_actor_class__ is the
+# decorated class itself (Ray Serve reads it the same way).
 class _AERPolicyModelActor(ppo_actor.PolicyModelActor.__ray_actor_class__):
     """``PolicyModelActor`` that restores AER's state on load and saves it in ``client_states``."""
 
