@@ -1,0 +1,190 @@
+"""The verl launcher: ``python -m entropy_reg.integrations.verl <verl overrides> +aer.<field>=...``.
+
+Against verl 0.9.1's own Hydra config tree (``verl/trainer/config/ppo_trainer.yaml``), its
+``validate_config`` and task runners. No Ray cluster starts: ``run_ppo`` (which would start Ray
+and send the task runner its ``run``) is replaced by a recorder, and the task-runner actor by an
+object with the two parts of Ray's actor contract the launcher uses (``.remote()`` and
+``__ray_call__``, which runs a function on the actor instance in its process).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+pytest.importorskip("verl", reason="install the extra: pip install 'entropy-reg[verl]'")
+
+from hydra import compose, initialize_config_module  # noqa: E402
+
+import entropy_reg.integrations.verl as aer_verl  # noqa: E402
+from entropy_reg import AERConfig  # noqa: E402
+
+
+@pytest.fixture
+def hydra_module():
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        yield
+
+
+@pytest.fixture
+def registry():
+    """Restore verl's trainer registry and main_ppo_v0's trainer name after install()."""
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.v1 import trainer_base
+
+    saved, legacy = dict(trainer_base.TRAINER_REGISTRY), main_ppo_v0.RayPPOTrainer
+    yield
+    trainer_base.TRAINER_REGISTRY.clear()
+    trainer_base.TRAINER_REGISTRY.update(saved)
+    main_ppo_v0.RayPPOTrainer = legacy
+
+
+GRPO = [
+    "algorithm.adv_estimator=grpo", "data.train_batch_size=8", "actor_rollout_ref.rollout.n=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2", "trainer.n_gpus_per_node=1",
+    "actor_rollout_ref.actor.use_kl_loss=False",
+]
+
+
+def cfg(*overrides: str):
+    return compose(config_name="ppo_trainer", overrides=[*GRPO, *overrides])
+
+
+def test_prepare_config_turns_entropy_on_and_reads_the_aer_section(hydra_module, caplog):
+    config = cfg("+aer.target_ratio=0.4", "+aer.coef_max=0.003")
+    assert config.actor_rollout_ref.actor.calculate_entropy is False  # verl's default
+    with caplog.at_level(logging.WARNING, logger="entropy_reg.integrations.verl"):
+        settings = aer_verl.prepare_config(config)
+    assert settings == AERConfig(target_ratio=0.4, coef_max=0.003)
+    assert config.actor_rollout_ref.actor.calculate_entropy is True
+    assert "calculate_entropy=True" in caplog.text
+    assert aer_verl.prepare_config(cfg()) == AERConfig()  # no aer section: the defaults
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("actor_rollout_ref.actor.entropy_coeff=0.001", "entropy_coeff must be 0"),
+        ("algorithm.rollout_correction.bypass_mode=True", "bypass_mode=True skips the old-log-prob pass"),
+        ("trainer.v1.trainer_mode=colocate_async", "trainer_mode=colocate_async is not supported"),
+        ("trainer.v1.trainer_mode=separate_async", "trainer_mode=separate_async is not supported"),
+        ("+aer.no_such_setting=1", "unknown setting.*aer.no_such_setting"),
+        ("+aer.target_ratio=-0.5", "ratio"),
+    ],
+)
+def test_prepare_config_refuses_what_aer_cannot_work_with(hydra_module, override, match):
+    config = cfg(override)
+    with pytest.raises(ValueError, match=match):
+        aer_verl.prepare_config(config)
+    assert config.actor_rollout_ref.actor.calculate_entropy is False  # nothing changed
+
+
+def test_async_mode_name_is_irrelevant_on_the_legacy_trainer(hydra_module):
+    aer_verl.prepare_config(cfg("trainer.use_v1=False", "trainer.v1.trainer_mode=colocate_async"))
+
+
+def test_install_puts_aer_in_the_registry_and_the_legacy_runner(registry):
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
+
+    cls = aer_verl.install(True, "sync")
+    assert get_trainer_cls("sync") is cls and issubclass(cls, PPOTrainerSync)
+    assert issubclass(cls, aer_verl.AERPPOTrainerMixin)
+    assert aer_verl.install(True, "sync") is cls  # idempotent: a second install changes nothing
+    assert get_trainer_cls("colocate_async").__name__ == "PPOTrainerColocateAsync"  # other modes untouched
+    legacy = aer_verl.install(False)
+    assert main_ppo_v0.RayPPOTrainer is legacy and issubclass(legacy, RayPPOTrainer)
+    assert issubclass(legacy, aer_verl.AERTrainerMixin) and aer_verl.install(False) is legacy
+
+
+class FakeActor:
+    """Ray's actor contract as the launcher uses it (Ray stubbed): methods behind ``.remote``."""
+
+    log: list[str] = []
+
+    def __init__(self) -> None:
+        outer = self
+
+        class _Call:
+            @staticmethod
+            def remote(fn, *args):
+                FakeActor.log.append("install")
+                return fn(outer, *args)
+
+        class _Run:
+            @staticmethod
+            def remote(config):
+                from verl.trainer.ppo.v1 import get_trainer_cls
+
+                FakeActor.log.append(f"run:{get_trainer_cls('sync').__name__}")
+
+        self.__ray_call__ = _Call()
+        self.run = _Run()
+
+
+class FakeActorClass:
+    def __init__(self) -> None:
+        self.options_seen: dict = {}
+
+    def options(self, **kwargs):
+        self.options_seen.update(kwargs)
+        return self
+
+    def remote(self):
+        FakeActor.log.append("start")
+        return FakeActor()
+
+
+def test_with_aer_installs_inside_the_task_runner_before_run(registry, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    FakeActor.log = []
+    actor_cls = FakeActorClass()
+    runner = aer_verl.WithAER(actor_cls, True, "sync").options(runtime_env={"nsight": {}})
+    actor = runner.remote()
+    actor.run.remote(None)
+    assert FakeActor.log == ["start", "install", "run:AERPPOTrainerSync"]
+    assert actor_cls.options_seen == {"runtime_env": {"nsight": {}}}
+
+
+def test_run_hands_verls_task_runner_to_run_ppo(hydra_module, monkeypatch):
+    import verl.trainer.main_ppo as main_ppo
+    from verl.trainer.main_ppo_v0 import TaskRunner
+
+    calls = []
+    monkeypatch.setattr(main_ppo, "run_ppo", lambda config, task_runner_class: calls.append(task_runner_class))
+    config = cfg()
+    aer_verl.run(config)
+    assert config.actor_rollout_ref.actor.calculate_entropy is True
+    (runner,) = calls
+    assert runner.runner_cls is main_ppo.TaskRunnerV1 and (runner.use_v1, runner.trainer_mode) == (True, "sync")
+    aer_verl.run(cfg("trainer.use_v1=False"))
+    assert calls[1].runner_cls is TaskRunner and calls[1].use_v1 is False
+    with pytest.raises(ValueError, match="bypass_mode"):
+        aer_verl.run(cfg("algorithm.rollout_correction.bypass_mode=True"))
+    assert len(calls) == 2  # refused before run_ppo: no Ray, no rollout
+
+
+def test_command_line_composes_verls_config_and_fails_fast(monkeypatch, capsys, tmp_path):
+    """``python -m entropy_reg.integrations.verl ...`` in-process: Hydra on verl's config tree."""
+    import verl.trainer.main_ppo as main_ppo
+
+    monkeypatch.chdir(tmp_path)  # Hydra's run directory
+
+    monkeypatch.setattr(main_ppo, "run_ppo", lambda config, task_runner_class: print("RUN_PPO", task_runner_class))
+    monkeypatch.setattr(sys, "argv", ["entropy_reg.integrations.verl", *GRPO, "+aer.target_ratio=0.5",
+                                      "hydra.run.dir=.", "hydra.output_subdir=null",
+                                      "hydra/job_logging=disabled"])
+    aer_verl.main()
+    assert "RUN_PPO" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["entropy_reg.integrations.verl", *GRPO, "hydra.run.dir=.",
+                                      "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                                      "actor_rollout_ref.actor.entropy_coeff=0.01"])
+    with pytest.raises(SystemExit):
+        aer_verl.main()
+    assert "entropy_coeff must be 0" in capsys.readouterr().err
