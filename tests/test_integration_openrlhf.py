@@ -288,8 +288,8 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def openrlhf() -> SimpleNamespace:
-    """OpenRLHF 0.11.2's modules, imported from the wheel (once per process)."""
+def load_openrlhf_modules() -> None:
+    """Import OpenRLHF 0.11.2's modules from the wheel (once per process), and nothing of AER's."""
     if _OPENRLHF_MODULES[-1] not in sys.modules:
         wheels = sorted(glob.glob(os.path.join(ROOT, ".cache", "openrlhf", "openrlhf-0.11.2-*.whl")))
         if not wheels:
@@ -308,6 +308,11 @@ def openrlhf() -> SimpleNamespace:
             sys.path.remove(purelib)
             for name in [m for m in sys.modules if m.split(".")[0] in _STUBBED]:
                 del sys.modules[name]
+
+
+def openrlhf() -> SimpleNamespace:
+    """OpenRLHF 0.11.2's modules from the wheel, and AER's subclasses of its classes."""
+    load_openrlhf_modules()
     from entropy_reg.integrations.openrlhf import actor, maker
 
     m = sys.modules

@@ -104,13 +104,22 @@ def test_launch_runs_openrlhf_main_with_the_hook(monkeypatch):
 
 
 def _probe():
+    """In the Ray worker: was the hook run, with which settings, and what do OpenRLHF's names hold
+    once its modules are imported (by this worker, for the first time, from the wheel)?"""
     from entropy_reg.integrations.openrlhf import config_from_env, hook
+    from tests.test_integration_openrlhf import load_openrlhf_modules
 
-    return hook.installed(), config_from_env().coef_max
+    before = hook.installed(), "openrlhf" in sys.modules, config_from_env().coef_max
+    load_openrlhf_modules()
+    trainer, actor = sys.modules["openrlhf.trainer.ppo_trainer"], sys.modules["openrlhf.trainer.ray.ppo_actor"]
+    return before, (trainer.RemoteExperienceMaker.__name__, actor.ActorPPOTrainer.__name__,
+                    actor.PolicyModelActor.__ray_actor_class__.__name__)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own, when it starts
 def test_ray_runs_the_hook_in_its_workers():
-    """A real (local, one CPU) Ray: a worker started with the launcher's runtime_env ran the hook."""
+    """A real (local, one CPU) Ray: a worker started with the launcher's runtime_env runs the hook,
+    and OpenRLHF's modules imported there afterwards hold AER's classes."""
     import ray
 
     if ray.is_initialized():
@@ -119,6 +128,8 @@ def test_ray_runs_the_hook_in_its_workers():
     env["env_vars"]["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     ray.init(num_cpus=1, include_dashboard=False, runtime_env=env, log_to_driver=False)
     try:
-        assert ray.get(ray.remote(_probe).remote(), timeout=120) == (True, 0.03)
+        before, names = ray.get(ray.remote(_probe).remote(), timeout=300)
     finally:
         ray.shutdown()
+    assert before == (True, False, 0.03)  # installed, and OpenRLHF not imported by the hook
+    assert names == ("AERExperienceMaker", "AERActorPPOTrainer", "_AERPolicyModelActor")
