@@ -9,6 +9,7 @@ object with the two parts of Ray's actor contract the launcher uses (``.remote()
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 
@@ -16,6 +17,7 @@ import pytest
 
 pytest.importorskip("verl", reason="install the extra: pip install 'entropy-reg[verl]'")
 
+import yaml  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
 import entropy_reg.integrations.verl as aer_verl  # noqa: E402
@@ -49,8 +51,21 @@ GRPO = [
 ]
 
 
+_BASE: list = []
+
+
 def cfg(*overrides: str):
-    return compose(config_name="ppo_trainer", overrides=[*GRPO, *overrides])
+    """verl's composition of ppo_trainer.yaml with GRPO (composed once: it takes seconds), then
+    ``key=value`` / ``+key=value`` overrides applied with OmegaConf as Hydra would."""
+    from omegaconf import OmegaConf
+
+    if not _BASE:
+        _BASE.append(compose(config_name="ppo_trainer", overrides=GRPO))
+    config = copy.deepcopy(_BASE[0])
+    for item in overrides:
+        key, value = item.split("=", 1)
+        OmegaConf.update(config, key.lstrip("+"), yaml.safe_load(value), force_add=key.startswith("+"))
+    return config
 
 
 def test_prepare_config_turns_entropy_on_and_reads_the_aer_section(hydra_module, caplog):
@@ -188,3 +203,36 @@ def test_command_line_composes_verls_config_and_fails_fast(monkeypatch, capsys, 
     with pytest.raises(SystemExit):
         aer_verl.main()
     assert "entropy_coeff must be 0" in capsys.readouterr().err
+
+
+def example_overrides() -> list[str]:
+    """The overrides examples/verl_qwen3_grpo_aer.sh passes, its shell variables at their defaults."""
+    import pathlib
+    import shlex
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "verl_qwen3_grpo_aer.sh"
+    text = script.read_text()
+    command = text[text.index("python -m entropy_reg.integrations.verl"):text.index('"$@"')]
+    env = {"MODEL": "Qwen/Qwen3-1.7B", "DATA": "/data/gsm8k", "NGPUS": "8"}
+    words = shlex.split(command.replace("\\\n", " "))[3:]  # after "python -m <module>"
+    return [_expand(w, env) for w in words]
+
+
+def _expand(word: str, env: dict[str, str]) -> str:
+    for key, value in env.items():
+        word = word.replace(f"${key}", value)
+    return word
+
+
+def test_example_script_is_a_valid_verl_command(hydra_module):
+    """Every override of the example composes in verl's config tree, passes AER's checks and
+    verl's own validate_config."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    overrides = example_overrides()
+    assert "actor_rollout_ref.model.path=Qwen/Qwen3-1.7B" in overrides and "+aer.target_ratio=0.5" in overrides
+    config = compose(config_name="ppo_trainer", overrides=overrides)
+    assert aer_verl.prepare_config(config) == AERConfig(target_ratio=0.5, coef_max=0.005)
+    assert config.actor_rollout_ref.rollout.name == "vllm" and config.trainer.use_v1
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
