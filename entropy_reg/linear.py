@@ -5,13 +5,13 @@
 
     tile = hidden[rows] @ weight[block].T + bias[block]          [rows, V_b], in hidden's dtype
 
-The forward gives each tile's per-row (lse_b, H_b) with the entropy kernel of the
-chosen backend (Triton on CUDA, torch on CPU) and merges the vocabulary blocks
-exactly (``entropy_reg.vocab_parallel.merge_parts``: lse = M + log S,
-H = sum_b e_b (H_b - (lse_b - M)) / S + log S with M = max lse_b,
-e_b = exp(lse_b - M), S = sum e_b); it saves two float32 numbers per row.
+The forward gives each tile's per-row statistics (raw max m_b, c_b = ln sum exp((x - m_b) / T),
+H_b) with the entropy kernel of the chosen backend (Triton on CUDA, torch on CPU) and merges the
+vocabulary blocks exactly (``entropy_reg.vocab_parallel.merge_parts``: M = max m_b,
+a_b = (m_b - M) / T + c_b, c = ln sum exp(a_b), H = sum_b e^a_b (H_b - a_b) / e^c + c,
+log p_y = (x_y - M) / T - c); it saves three numbers per row (M, c, H).
 The backward recomputes each tile, turns it into dL/dlogits (a second tile-sized
-buffer) with the fused kernel fed the full-vocabulary lse and H, and accumulates
+buffer) with the fused kernel fed the full-vocabulary (M, c) and H, and accumulates
 
     grad_hidden[rows]   += dlogits @ weight[block]    (float32, summed over blocks)
     grad_weight[block]  += dlogits.T @ hidden[rows]   (float32, summed over row chunks)
@@ -51,7 +51,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .entropy import LOGIT_DTYPES, _check_temperature, flat_rows
+from .checks import as_count, as_scalar
+from .entropy import LOGIT_DTYPES, flat_rows
+from .kernels.torch_chunked import compute_dtype
 from .vocab_parallel import group_layout, label_logits, localize, merge_over_group, merge_parts, part_backward, part_stats
 
 _WEIGHT_BLOCK_BYTES = 256 << 20  # float32 weight-gradient block
@@ -85,7 +87,8 @@ def linear_token_entropy(
     """Entropy H (nats) of softmax((hidden @ weight.T + bias) / T) per row, or (log p_y, H) with labels.
 
     Args:
-        hidden: ``[..., H]`` float32, bfloat16 or float16 (the lm_head input).
+        hidden: ``[..., H]`` float32, bfloat16 or float16 (the lm_head input); float64
+            computes and returns float64 (for gradcheck and references).
         weight: ``[V, H]`` same dtype and device (``nn.Linear`` layout).
         labels: optional ``[...]`` integer vocabulary ids; ``ignore_index`` rows
             behave as masked rows for both outputs.
@@ -113,17 +116,18 @@ def linear_token_entropy(
     """
     hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_linear(hidden, weight, bias)
-    _check_temperature(temperature)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    backend = kernels.resolve(backend, hidden.device)
+    inv_temp = 1.0 / as_scalar(temperature, "temperature", low=0.0, low_inclusive=False)
+    ignore_index = as_count(ignore_index, "ignore_index", low=None)
+    if chunk_size is not None:
+        chunk_size = as_count(chunk_size, "chunk_size", low=1)
+    backend = kernels.resolve(backend, hidden.device, hidden.dtype)
     world = group_layout(process_group)[1] if process_group is not None else 1
     lead = hidden.shape[:-1]
     # Always range-checked: one host sync is small beside the GEMMs, and tiles index labels directly.
     flat_labels, active = flat_rows(labels, mask, hidden, "hidden", weight.shape[0] * world, ignore_index, True)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     rows, block = default_tiles(h2.shape[0], weight.shape[0], h2.shape[1], hidden.device, chunk_size)
-    args = (h2, weight, bias, flat_labels, active, 1.0 / float(temperature), backend, rows, block)
+    args = (h2, weight, bias, flat_labels, active, inv_temp, backend, rows, block)
     if process_group is None:
         logp, entropy, _ = linear_logprobs_entropy(*args)
     else:
@@ -146,7 +150,7 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
         if t is not hidden and (t.dtype != hidden.dtype or t.device != hidden.device):
             raise TypeError(f"{name} must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got {t.dtype}, {t.device}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
@@ -187,33 +191,33 @@ def _forward(
     block: int,
     group: dist.ProcessGroup | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp[n] or empty, H[n], lse[n]) float32 of the full vocabulary (all ranks' shards when grouped)."""
+    """(logp[n] or empty, H[n], stats[2, n]) of the full vocabulary (all ranks' shards when grouped)."""
     n, vocab = h2.shape[0], weight.shape[0]
     offset = group_layout(group)[0] * vocab if group is not None else 0
-    f32 = dict(dtype=torch.float32, device=h2.device)
+    acc = dict(dtype=compute_dtype(h2), device=h2.device)
     n_blocks = -(-vocab // block)
-    lse_parts = torch.zeros(n_blocks, n, **f32)
-    ent_parts = torch.zeros(n_blocks, n, **f32)
-    zy = torch.zeros(n, **f32) if labels is not None else None
+    stats_parts = torch.zeros(n_blocks, 2, n, **acc)
+    ent_parts = torch.zeros(n_blocks, n, **acc)
+    x_y = torch.zeros(n, **acc) if labels is not None else None
     owned = torch.zeros(n, dtype=torch.bool, device=h2.device) if labels is not None else None
     chunks = _row_chunks(h2, active, rows)
     for bi, v0, _, r, tile in _tiles(h2, weight, bias, chunks, block):
         x3 = tile.unsqueeze(0)
-        lse_parts[bi, r], ent_parts[bi, r] = part_stats(backend, x3, None, inv_temp, may_be_empty=bias is not None)
+        stats_parts[bi, :, r], ent_parts[bi, r] = part_stats(backend, x3, None, inv_temp, may_be_empty=bias is not None)
         if labels is not None:
             local, own = localize(labels[r], offset + v0, tile.shape[1], None)
-            zy[r] += label_logits(x3, local, own, inv_temp)
+            x_y[r] += label_logits(x3, local, own)
             owned[r] |= own
         del tile, x3
-    lse, entropy = merge_parts(lse_parts, ent_parts)
+    stats, entropy = merge_parts(stats_parts, ent_parts, inv_temp)
     if group is not None:
-        lse, entropy, logp = merge_over_group(lse, entropy, zy, owned, vocab, group)
+        stats, entropy, logp = merge_over_group(stats, entropy, x_y, owned, vocab, inv_temp, group)
     else:
-        logp = zy - lse if labels is not None else None
+        logp = (x_y - stats[0]) * inv_temp - stats[1] if labels is not None else None
     if active is not None:
         entropy = torch.where(active, entropy, 0.0)
         logp = torch.where(active, logp, 0.0) if logp is not None else None
-    return (logp if logp is not None else entropy.new_empty(0)), entropy, lse
+    return (logp if logp is not None else entropy.new_empty(0)), entropy, stats
 
 
 @functools.cache
@@ -254,7 +258,7 @@ def _backward(
     bias: Tensor | None,
     labels: Tensor | None,
     active: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     grad_logp: Tensor | None,
     grad_entropy: Tensor | None,
@@ -271,7 +275,7 @@ def _backward(
     offset = group_layout(group)[0] * vocab if group is not None else 0
     if labels is None:
         grad_logp = None
-    f32 = dict(dtype=torch.float32, device=h2.device)
+    f32 = dict(dtype=compute_dtype(h2), device=h2.device)  # accumulators: float64 for float64 inputs
     # a distinct empty tensor per unneeded gradient: custom-op outputs may not alias
     g_h = torch.zeros(n, h2.shape[1], **f32) if need_h else h2.new_empty(0)
     chunks = _row_chunks(h2, active, rows)
@@ -279,7 +283,7 @@ def _backward(
     g_b = torch.zeros(vocab, **f32) if need_b else h2.new_empty(0)
     # 16-bit weight and several row chunks: the block's gradient sums in float32 before its one cast.
     acc = None
-    if need_w and len(chunks) > 1 and weight.dtype != torch.float32:
+    if need_w and len(chunks) > 1 and weight.dtype.itemsize == 2:
         acc = torch.empty(min(block, vocab), h2.shape[1], **f32)
     # dL/dlogits goes to its own buffer, not over the tile: the kernel's tuned out-of-place form
     scratch = None
@@ -293,15 +297,15 @@ def _backward(
             local, own = localize(labels[r], offset + v0, tile.shape[1], None)
         g_lp = grad_logp[r] if grad_logp is not None else None
         g_ent = grad_entropy[r] if grad_entropy is not None else None
-        part_backward(backend, tile.unsqueeze(0), local, own, None, lse[r], entropy[r], g_lp, g_ent, inv_temp, d.unsqueeze(0))
+        part_backward(backend, tile.unsqueeze(0), local, own, None, stats[:, r], entropy[r], g_lp, g_ent, inv_temp, d.unsqueeze(0))
         del tile
         if need_h:
             if isinstance(r, slice):
                 _add_product(g_h[r], d, weight[v0:v1])
             else:
-                g_h.index_add_(0, r, torch.mm(d, weight[v0:v1]).float())
+                g_h.index_add_(0, r, torch.mm(d, weight[v0:v1]).to(g_h.dtype))
         if need_b:
-            g_b[v0:v1] += d.sum(0, dtype=torch.float32)
+            g_b[v0:v1] += d.sum(0, dtype=g_b.dtype)
         if need_w:
             dst = g_w[v0:v1] if acc is None else acc[: v1 - v0]
             _add_product(dst, d.t(), h2[r], overwrite=ci == 0)
@@ -324,7 +328,7 @@ def linear_logprobs_entropy(
     rows: int,
     block: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs[n] or empty when labels is None, entropy[n], lse[n]) float32 from hidden[n, H], weight[V, H]."""
+    """(logprobs[n] or empty when labels is None, entropy[n], stats[2, n]) from hidden[n, H], weight[V, H]."""
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs' dtypes are the compute dtypes
         return _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, None)
 
@@ -332,8 +336,8 @@ def linear_logprobs_entropy(
 @linear_logprobs_entropy.register_fake
 def _(hidden, weight, bias, labels, active, inv_temp, backend, rows, block):
     n = hidden.shape[0]
-    f32 = torch.float32
-    return hidden.new_empty(n if labels is not None else 0, dtype=f32), hidden.new_empty(n, dtype=f32), hidden.new_empty(n, dtype=f32)
+    acc = compute_dtype(hidden)
+    return hidden.new_empty(n if labels is not None else 0, dtype=acc), hidden.new_empty(n, dtype=acc), hidden.new_empty(2, n, dtype=acc)
 
 
 @torch.library.custom_op("entropy_reg::linear_logprobs_entropy_backward", mutates_args=())
@@ -343,7 +347,7 @@ def linear_logprobs_entropy_backward(
     bias: Tensor | None,
     labels: Tensor | None,
     active: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     grad_logp: Tensor | None,
     grad_entropy: Tensor | None,
@@ -358,11 +362,11 @@ def linear_logprobs_entropy_backward(
     """(grad_hidden, grad_weight, grad_bias); an empty tensor for each one not needed."""
     needs = (need_hidden, need_weight, need_bias)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward(hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, needs, None)
+        return _backward(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, needs, None)
 
 
 @linear_logprobs_entropy_backward.register_fake
-def _(hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, need_hidden, need_weight, need_bias):
+def _(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, need_hidden, need_weight, need_bias):
     def like(t: Tensor | None, need: bool) -> Tensor:
         return torch.empty_like(t) if need else hidden.new_empty(0)
 
@@ -380,17 +384,17 @@ def _grads(ctx: torch.autograd.function.FunctionCtx, g_h: Tensor, g_w: Tensor, g
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, active, inv_temp, backend, rows, block = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, active, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, active, stats, entropy)
     ctx.args = (inv_temp, backend, rows, block)
     ctx.needs = _needs(ctx, bias)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _op_backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _grad_lse: Tensor | None):
-    hidden, weight, bias, labels, active, lse, entropy = ctx.saved_tensors
+def _op_backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _grad_stats: Tensor | None):
+    hidden, weight, bias, labels, active, stats, entropy = ctx.saved_tensors
     grads = linear_logprobs_entropy_backward(
-        hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, *ctx.args, *ctx.needs
+        hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, *ctx.args, *ctx.needs
     )
     return _grads(ctx, *grads)[:9]
 
@@ -404,8 +408,8 @@ class _ShardedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group):
         with torch.autocast(hidden.device.type, enabled=False):
-            logp, entropy, lse = _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group)
-        ctx.save_for_backward(hidden, weight, bias, labels, active, lse, entropy)
+            logp, entropy, stats = _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group)
+        ctx.save_for_backward(hidden, weight, bias, labels, active, stats, entropy)
         ctx.args = (inv_temp, backend, rows, block)
         ctx.needs = _needs(ctx, bias)
         ctx.group = group
@@ -414,7 +418,7 @@ class _ShardedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, active, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, active, stats, entropy = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = _backward(hidden, weight, bias, labels, active, lse, entropy, grad_logp, grad_entropy, *ctx.args, ctx.needs, ctx.group)
+            grads = _backward(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, *ctx.args, ctx.needs, ctx.group)
         return _grads(ctx, *grads)

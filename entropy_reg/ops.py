@@ -2,8 +2,9 @@
 
 Registered through ``torch.library.custom_op`` so that ``torch.compile(fullgraph=True)``
 treats each as one opaque node (no graph break) on every backend. The forward
-saves two float32 numbers per row (lse and H) besides its inputs; the backward
-recomputes the softmax from the logits.
+saves three numbers per row (the row max m, c = ln sum exp((x - m) / T), and H)
+besides its inputs; the backward recomputes the softmax from the logits. The
+math is float32 (float64 for float64 logits), and so are the outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def logprobs_entropy(
     backend: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs[n] or empty when labels is None, entropy[n], lse[n]) in float32."""
+    """(logprobs[n] or empty when labels is None, entropy[n], stats[2, n] = (row max m, c))."""
     with _no_autocast(x3):
         return kernels.load(backend).forward(x3, labels, active, inv_temp)
 
@@ -36,8 +37,8 @@ def logprobs_entropy(
 @logprobs_entropy.register_fake
 def _(x3, labels, active, inv_temp, backend, inplace_backward):
     n = x3.shape[0] * x3.shape[1]
-    f32 = torch.float32
-    return x3.new_empty(n if labels is not None else 0, dtype=f32), x3.new_empty(n, dtype=f32), x3.new_empty(n, dtype=f32)
+    acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    return x3.new_empty(n if labels is not None else 0, dtype=acc), x3.new_empty(n, dtype=acc), x3.new_empty(2, n, dtype=acc)
 
 
 @torch.library.custom_op("entropy_reg::logprobs_entropy_backward", mutates_args=())
@@ -45,7 +46,7 @@ def logprobs_entropy_backward(
     x3: Tensor,
     labels: Tensor | None,
     active: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     grad_logp: Tensor | None,
     grad_entropy: Tensor | None,
@@ -55,12 +56,12 @@ def logprobs_entropy_backward(
     """dL/dx3 as a new contiguous tensor of x3's shape and dtype."""
     out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
     with _no_autocast(x3):
-        kernels.load(backend).backward(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, out)
+        kernels.load(backend).backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, out)
     return out
 
 
 @logprobs_entropy_backward.register_fake
-def _(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, backend):
+def _(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend):
     return torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
 
 
@@ -69,7 +70,7 @@ def logprobs_entropy_backward_(
     x3: Tensor,
     labels: Tensor | None,
     active: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     grad_logp: Tensor | None,
     grad_entropy: Tensor | None,
@@ -78,27 +79,27 @@ def logprobs_entropy_backward_(
 ) -> None:
     """dL/dx3 written over x3 itself (the logits are destroyed)."""
     with _no_autocast(x3):
-        kernels.load(backend).backward(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, x3)
+        kernels.load(backend).backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, x3)
 
 
 @logprobs_entropy_backward_.register_fake
-def _(x3, labels, active, lse, entropy, grad_logp, grad_entropy, inv_temp, backend):
+def _(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend):
     return None
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x3, labels, active, inv_temp, backend, inplace_backward = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(x3, labels, active, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(x3, labels, active, stats, entropy)
     ctx.inv_temp, ctx.backend, ctx.inplace = inv_temp, backend, inplace_backward
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _grad_lse: Tensor | None):
-    x3, labels, active, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _grad_stats: Tensor | None):
+    x3, labels, active, stats, entropy = ctx.saved_tensors
     if labels is None:
         grad_logp = None
-    args = (x3, labels, active, lse, entropy, grad_logp, grad_entropy, ctx.inv_temp, ctx.backend)
+    args = (x3, labels, active, stats, entropy, grad_logp, grad_entropy, ctx.inv_temp, ctx.backend)
     if ctx.inplace:
         logprobs_entropy_backward_(*args)
         grad = x3

@@ -224,7 +224,7 @@ def test_default_tiles():
         (dict(mask=torch.ones(3)), TypeError, "mask"),
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
-        (dict(chunk_size=2.0), ValueError, "chunk_size"),
+        (dict(chunk_size=2.0), TypeError, "chunk_size"),
         (dict(backend="cuda"), ValueError, "backend"),
     ],
 )

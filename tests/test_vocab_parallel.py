@@ -37,10 +37,12 @@ def reference(z, labels=None, mask=None, ignore_index=-100):
 
 
 def part_stats64(z):
-    """(lse_k, H_k) of each part from the formulas: lse = log sum exp z, H = lse - E[z]."""
-    lse = torch.logsumexp(z, -1)
+    """((m_k, c_k) [2, n], H_k) of each part from the formulas (T = 1): m = max z, c = log sum exp(z - m), H = lse - E[z]."""
+    m = z.amax(-1)
+    c = torch.logsumexp(z - m.unsqueeze(-1), -1)
+    lse = m + c
     p = (z - lse.unsqueeze(-1)).exp()
-    return lse, lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
+    return torch.stack([m, c]), lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
 
 
 @settings(max_examples=50, deadline=None)
@@ -54,19 +56,22 @@ def test_merge_parts_equals_full_vocabulary(cuts, rows, scale, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(rows, sum(cuts), generator=g, dtype=F64) * scale
     stats = [part_stats64(part) for part in z.split(cuts, dim=-1)]
-    lse, ent = merge_parts(torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+    merged, ent = merge_parts(torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]), 1.0)
     _, ref_ent = reference(z)
-    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(merged[0], z.amax(-1))
+    torch.testing.assert_close(merged[0] + merged[1], torch.logsumexp(z, -1))
     torch.testing.assert_close(ent, ref_ent)
 
 
 def test_merge_parts_empty_part_has_weight_zero():
     z = torch.tensor([[0.5, -1.0, NEG_INF, NEG_INF, 2.0]], dtype=F64)
-    lse_parts = torch.tensor([[torch.logsumexp(z[0, :2], 0)], [NEG_INF], [2.0]], dtype=F64)
-    ent_parts = torch.tensor([[part_stats64(z[:, :2])[1][0]], [0.0], [0.0]], dtype=F64)
-    lse, ent = merge_parts(lse_parts, ent_parts)
+    first, h_first = part_stats64(z[:, :2])
+    empty = torch.tensor([[NEG_INF], [0.0]], dtype=F64)  # what part_stats gives an all -inf part
+    stats_parts = torch.stack([first, empty, torch.tensor([[2.0], [0.0]], dtype=F64)])
+    ent_parts = torch.stack([h_first, torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64)])
+    _, ent = merge_parts(stats_parts, ent_parts, 1.0)
     torch.testing.assert_close(ent, reference(z)[1])
-    all_empty = merge_parts(torch.full((2, 1), NEG_INF), torch.zeros(2, 1))[1]
+    all_empty = merge_parts(torch.stack([empty, empty]), torch.zeros(2, 1, dtype=F64), 1.0)[1]
     assert torch.isnan(all_empty).all()
 
 

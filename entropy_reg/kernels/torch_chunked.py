@@ -1,26 +1,37 @@
 """Row-chunked entropy / log-prob kernels written with PyTorch ops.
 
 The "torch" backend: runs on any device, and is the CPU path. Each chunk of
-rows is small enough (``_CHUNK_ELEMS`` float32 values on CPU, about 4 MB) that
-the float32 work buffers stay in cache, so every pass after the first read of
-the logits is cheap; nothing of size N x V is ever allocated except the one
-gradient tensor of the backward.
+rows is small enough (``_CHUNK_ELEMS`` values on CPU, about 4 MB of float32)
+that the work buffers stay in cache, so every pass after the first read of the
+logits is cheap; nothing of size N x V is ever allocated except the one
+gradient tensor of the backward. The math runs in float32 (float64 for float64
+logits).
 
-Math (DESIGN.md section 3), per row, with z = x / T, m = max x:
+Math, per row, with T the temperature and m = max_j x_j the raw row maximum:
 
-    d_j = (z_j - max z) * log2(e)     e_j = 2 ** d_j      (exp2 is ~2x faster than exp on CPU)
-    s = sum_j e_j                     u = sum_j e_j d_j
-    H = ln s - ln2 * u / s            lse = max z + ln s
-    log p_y = (x_y - m) / T - ln s
+    d_j = (x_j - m) * log2(e) / T     e_j = 2 ** d_j      (exp2 is ~2x faster than exp on CPU)
+    r = sum_{j != k} e_j              u = sum_j e_j d_j   (k: one position of the max, e_k = 1)
+    s = 1 + r     c = ln s = log1p(r)     H = c - ln2 * u / s
+    log p_y = (x_y - m) / T - c
 
-Backward, from the two saved numbers per row (lse, H):
+r leaves out the max's exact 1, so a confident row (s = 1 + tiny) keeps the digits of c:
+summing the 1 in would round them to float32's spacing near 1.
 
-    log p_j = z_j - lse               p_j = exp(log p_j)
-    dL/dz_j = -p_j * (g_H * (log p_j + H) + g_lp) + g_lp * 1[j = y]
-    dL/dx_j = dL/dz_j / T
+The row's statistics for the backward are (m, c), never lse = m / T + c: with
+|x| / T large, lse rounds to a multiple of ulp(m / T) and x / T - lse loses every
+digit of a log-probability near 0. ``x - m`` is exact where the mass is (near the
+max), so log p_j = (x_j - m) / T - c is accurate for every j.
 
-``-inf`` logits: d_j and log p_j are clamped at ``_LOG_FLOOR``; any value under
-it already gives p_j = 0 in float32, so the clamp changes no result but keeps
+Backward, from (m, c) and H:
+
+    log p_j = (x_j - m) / T - c       p_j = exp(log p_j)
+    dL/dx_j = (1/T) * ( -p_j * (g_H * (log p_j + H) + g_lp) + g_lp * 1[j = y] )
+
+At the label the two g_lp terms are merged into g_lp * (1 - p_y) = -g_lp * expm1(log p_y),
+which stays accurate when p_y is near 1.
+
+``-inf`` logits: d_j and log p_j are clamped at ``LOG_FLOOR``; any value under
+it already gives 0 (even in float64), so the clamp changes no result but keeps
 ``0 * -inf`` from turning into NaN.
 """
 
@@ -34,9 +45,10 @@ from torch import Tensor
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
-# exp(-1000) and 2**-1000 are exactly 0 in float32 (the smallest subnormal is 2**-149).
-_LOG_FLOOR = -1000.0
-# float32 elements per work buffer: ~4 MB on CPU (cache-resident), larger on GPUs.
+# exp(-1100) and 2**-1100 are exactly 0 in float32 and float64 (the smallest subnormals are
+# 2**-149 and 2**-1074).
+LOG_FLOOR = -1100.0
+# Elements per work buffer: ~4 MB of float32 on CPU (cache-resident), larger on GPUs.
 _CHUNK_ELEMS = {"cpu": 1 << 20}
 _CHUNK_ELEMS_DEFAULT = 1 << 24
 
@@ -90,42 +102,50 @@ def _write_rows(out3: Tensor, rows: Tensor | slice, values: Tensor) -> None:
         out3[rows // t, rows % t] = values.to(out3.dtype)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 logits, float32 for every other dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def forward(
     x3: Tensor, labels: Tensor | None, active: Tensor | None, inv_temp: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Return (logprobs[n] or empty, entropy[n], lse[n]), float32; inactive rows give 0."""
+    """Return (logprobs[n] or empty, entropy[n], stats[2, n] = (m, c)); inactive rows give 0."""
     b, t, v = x3.shape
     n = b * t
-    dev = x3.device
-    entropy = torch.zeros(n, device=dev, dtype=torch.float32)
-    lse = torch.zeros(n, device=dev, dtype=torch.float32)
-    logp = torch.zeros(n if labels is not None else 0, device=dev, dtype=torch.float32)
-    step = chunk_rows(n, v, dev)
-    d_buf = torch.empty(step, v, device=dev, dtype=torch.float32)
-    e_buf = torch.empty(step, v, device=dev, dtype=torch.float32)
+    acc = dict(device=x3.device, dtype=compute_dtype(x3))
+    entropy = torch.zeros(n, **acc)
+    stats = torch.zeros(2, n, **acc)
+    logp = torch.zeros(n if labels is not None else 0, **acc)
+    step = chunk_rows(n, v, x3.device)
+    d_buf = torch.empty(step, v, **acc)
+    e_buf = torch.empty(step, v, **acc)
     scale = inv_temp * LOG2E
     for rows, xc in _row_blocks(x3, active):
         r = xc.shape[0]
         d, e = d_buf[:r], e_buf[:r]
-        m = xc.amax(-1, keepdim=True).float()
+        m, at_max = xc.max(-1, keepdim=True)
+        m = m.to(d.dtype)
         torch.sub(xc, m, out=d)
-        d.mul_(scale).clamp_(min=_LOG_FLOOR)
+        d.mul_(scale).clamp_(min=LOG_FLOOR)
         torch.exp2(d, out=e)
-        s = e.sum(-1)
-        ln_s = s.log()
-        entropy[rows] = ln_s - LN2 * torch.linalg.vecdot(e, d) / s
-        lse[rows] = m.squeeze(1) * inv_temp + ln_s
+        e.scatter_(1, at_max, 0.0)  # the max's 1 (its d is 0, so u is unchanged)
+        r = e.sum(-1)
+        c = r.log1p()
+        entropy[rows] = c - LN2 * torch.linalg.vecdot(e, d) / (1.0 + r)
+        stats[0, rows] = m.squeeze(1)
+        stats[1, rows] = c
         if labels is not None:
             y = labels[rows].unsqueeze(1)
-            logp[rows] = (xc.gather(1, y).float() - m).squeeze(1) * inv_temp - ln_s
-    return logp, entropy, lse
+            logp[rows] = (xc.gather(1, y).to(d.dtype) - m).squeeze(1) * inv_temp - c
+    return logp, entropy, stats
 
 
 def backward(
     x3: Tensor,
     labels: Tensor | None,
     active: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     grad_logp: Tensor | None,
     grad_entropy: Tensor | None,
@@ -139,39 +159,37 @@ def backward(
     """
     b, t, v = x3.shape
     n = b * t
-    dev = x3.device
+    acc = dict(device=x3.device, dtype=compute_dtype(x3))
     if active is not None:
         idle = (~active).nonzero().squeeze(1)
         out[idle // t, idle % t] = 0
-    zeros = torch.zeros(n, device=dev, dtype=torch.float32)
-    g_h = grad_entropy.float() if grad_entropy is not None else zeros
-    g_lp = grad_logp.float() if grad_logp is not None and labels is not None else None
-    step = chunk_rows(n, v, dev)
-    lp_buf = torch.empty(step, v, device=dev, dtype=torch.float32)
-    inv_t = torch.full((1, 1), inv_temp, device=dev, dtype=torch.float32)
-    p_buf = torch.empty(step, v, device=dev, dtype=torch.float32)
+    g_h = grad_entropy.to(acc["dtype"]) if grad_entropy is not None else torch.zeros(n, **acc)
+    g_lp = grad_logp.to(acc["dtype"]) if grad_logp is not None and labels is not None else None
+    step = chunk_rows(n, v, x3.device)
+    lp_buf = torch.empty(step, v, **acc)
+    p_buf = torch.empty(step, v, **acc)
     for rows, xc in _row_blocks(x3, active):
         r = xc.shape[0]
         lp, p = lp_buf[:r], p_buf[:r]
         gh = g_h[rows].unsqueeze(1)
-        # log p = x/T - lse, rounded as the forward rounded lse = m/T + ln s (exact at the max)
-        if inv_temp == 1.0:
-            torch.sub(xc, lse[rows].unsqueeze(1), out=lp)
-        else:
-            torch.mul(xc, inv_t, out=lp)  # a float32 [1, 1] factor: bf16 inputs are multiplied in float32
-            lp.sub_(lse[rows].unsqueeze(1))
-        lp.clamp_(min=_LOG_FLOOR)
+        h = entropy[rows].unsqueeze(1)
+        # log p = (x - m) / T - c, exact near the max (see the module docstring)
+        torch.sub(xc, stats[0, rows].unsqueeze(1), out=lp)
+        lp.mul_(inv_temp).sub_(stats[1, rows].unsqueeze(1)).clamp_(min=LOG_FLOOR)
         torch.mul(lp, LOG2E, out=p)
         p.exp2_()
-        # coefficient of p_j: g_H * (log p_j + H) + g_lp
-        offset = gh * entropy[rows].unsqueeze(1)
+        # coefficient of -p_j: g_H * (log p_j + H) + g_lp
+        offset = gh * h
         if g_lp is not None:
             glp = g_lp[rows].unsqueeze(1)
             offset = offset + glp
-        torch.addcmul(offset, lp, gh, out=lp)
-        lp.mul_(p)
-        if g_lp is not None:
             y = labels[rows].unsqueeze(1)
-            lp.scatter_add_(1, y, -glp)
-        lp.mul_(-inv_temp)
+            lp_y = lp.gather(1, y)
+            # at the label: g_lp (1 - p_y) - g_H p_y (log p_y + H), with 1 - p_y = -expm1(log p_y)
+            at_y = -glp * torch.expm1(lp_y) - gh * p.gather(1, y) * (lp_y + h)
+        torch.addcmul(offset, lp, gh, out=lp)
+        lp.mul_(p).neg_()
+        if g_lp is not None:
+            lp.scatter_(1, y, at_y)
+        lp.mul_(inv_temp)
         _write_rows(out, rows, lp)

@@ -1,0 +1,401 @@
+"""The kernels' accuracy and input contract, as README "Accuracy" states it, on both backends.
+
+Accuracy (float32 math on the input's values, against float64 on the same values):
+
+- forward: |H - ref| <= 1e-5 H and |log p_y - ref| <= 1e-5 |log p_y| + LOGP_ULPS H (plus REF_ATOL,
+  the float64 reference's own limit): relative, however close to 0 (a confident token's log p of
+  -1e-12 keeps its digits);
+- gradient, per entry j of a row with upstream (g_lp, g_H), p = softmax(x / T):
+  |g_j - ref_j| <= 1e-5 S_j + LOGP_ULPS (|log p_j| + H) p_j G_j + 2^-126 G_j, then the rounding to
+  the logits' dtype, with
+  S_j = (|g_lp| |1[j = y] - p_j| + |g_H| p_j (|log p_j| + H)) / T   (the size of the terms)
+  G_j = (|g_lp| + |g_H| (1 + |log p_j| + H)) / T                  (their sensitivity to log p_j).
+
+LOGP_ULPS (|log p_j| + H) bounds the float32 roundings that form log p_j and its exponential
+((x_j - m), / T, - c, to base 2, exp2; eight half-ulps each): those of log p_j itself, and those of
+c = log s, which inherits sum_{j != max} p_j |log p_j| <= H of its terms' roundings. And 2^-126 the float32 subnormal range of p_j: what float32 can hold, and far below the
+error of the x / T - lse form that these tests catch (a multiple of ulp(|x| / T)).
+
+The per-row tensors (labels, mask, upstream gradients) and the logits are drawn as contiguous,
+strided, offset, transposed and expanded (stride 0) views. The Triton backend runs under the
+interpreter (conftest.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+import entropy_reg as er
+from tests.reference import entropy_f64, logprob_f64, softmax_terms_f64
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+RTOL = 1e-5
+REF_ATOL = 1e-15  # float64's own rounding of log(1 + tiny) in the reference: below this, nothing is checked
+LOGP_ULPS = 8 * 2.0**-24  # the roundings that form log p_j and exp of it, relative: 4.8e-7
+# the gradient is stored in the logits' dtype: within one ulp (relative 2**-7 for bfloat16, 2**-10 for float16)
+STORE_RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# Below the smallest normal number of the math (float32) or of the stored dtype, rounding is absolute.
+TINY = {torch.float32: 2.0**-126, torch.bfloat16: 2.0**-126, torch.float16: 2.0**-14}
+VIEWS = ["contiguous", "strided", "offset", "transposed", "expanded"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def as_view(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The values of the 2-D ``t`` (expanded: its first element everywhere) in a layout of ``kind``."""
+    if kind == "contiguous":
+        return t.clone()
+    if kind == "strided":
+        big = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
+        big[:, ::2] = t
+        return big[:, ::2]
+    if kind == "offset":
+        big = torch.empty(t.numel() + 3, dtype=t.dtype)
+        big[3:] = t.reshape(-1)
+        return big[3:].view(t.shape)
+    if kind == "transposed":
+        return t.t().contiguous().t()
+    assert kind == "expanded"
+    return t.reshape(-1)[:1].view(1, 1).expand(t.shape)
+
+
+def view_logits(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The values of ``x[b, t, V]`` in a layout of ``kind`` (expanded: row 0 everywhere)."""
+    if kind == "contiguous":
+        return x.clone()
+    if kind == "strided":  # rows of a larger buffer: what logits[:, :-1] looks like
+        big = torch.empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=x.dtype)
+        big[:, :-1] = x
+        return big[:, :-1]
+    if kind == "offset":
+        big = torch.empty(x.numel() + 5, dtype=x.dtype)
+        big[5:] = x.reshape(-1)
+        return big[5:].view(x.shape)
+    if kind == "transposed":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert kind == "expanded"
+    return x[:1, :1].expand(x.shape)
+
+
+def check_forward(out: torch.Tensor, ref: torch.Tensor, what: str, entropy: torch.Tensor | None = None) -> None:
+    """|out - ref| <= 1e-5 |ref| (+ LOGP_ULPS H for a log-prob, given the row's entropy H)."""
+    err = (out.double() - ref).abs()
+    bound = RTOL * ref.abs() + REF_ATOL + (LOGP_ULPS * entropy.abs() if entropy is not None else 0.0)
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), f"{what}: entry {worst}, error {float(err.flatten()[worst]):.3g} > {float(bound.flatten()[worst]):.3g} (ref {float(ref.flatten()[worst]):.9g})"
+
+
+def reference_gradient(x, labels, active, temperature, g_lp, g_h):
+    """(ref gradient, bound) per entry, from the float64 softmax terms; 0 and exact on inactive rows."""
+    logp, p, h = softmax_terms_f64(x, temperature)
+    h = h.unsqueeze(-1)
+    gl = (g_lp.double() if g_lp is not None else torch.zeros(x.shape[:-1], dtype=torch.float64)).unsqueeze(-1)
+    gh = (g_h.double() if g_h is not None else torch.zeros(x.shape[:-1], dtype=torch.float64)).unsqueeze(-1)
+    onehot = torch.zeros_like(p)
+    if labels is not None:
+        onehot.scatter_(-1, labels.clamp_min(0).unsqueeze(-1), 1.0)
+    # 1 - p_y formed as -expm1(log p_y): float64 keeps its digits when p_y is near 1
+    one_minus = torch.where(onehot > 0, -torch.expm1(logp), -p)
+    lp_safe = torch.where(p > 0, logp, 0.0)
+    ref = (gl * one_minus - gh * p * (lp_safe + h)) / temperature
+    size = (gl.abs() * one_minus.abs() + gh.abs() * p * (lp_safe.abs() + h)) / temperature
+    coef = (gl.abs() + gh.abs() * (1 + lp_safe.abs() + h)) / temperature
+    keep = active.unsqueeze(-1)
+    # p_j below float32's normal range carries an absolute error of about its spacing
+    bound = RTOL * size + LOGP_ULPS * (lp_safe.abs() + h) * p * coef + TINY[torch.float32] * coef
+    return torch.where(keep, ref, 0.0), torch.where(keep, bound, 0.0)
+
+
+def check_gradient(grad: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    dtype = grad.dtype
+    bound = bound + STORE_RTOL[dtype] * ref.abs() + TINY[dtype] * STORE_RTOL[dtype]
+    err = (grad.double() - ref).abs()
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), f"gradient: error {float(err.flatten()[worst]):.3g} > {float(bound.flatten()[worst]):.3g} (ref {float(ref.flatten()[worst]):.6g}, entry {worst})"
+
+
+def run(backend, x, labels, mask, temperature, g_lp, g_h, **kw):
+    """(logp, H, dL/dx) for L = sum(g_lp * logp + g_H * H)."""
+    leaf = x.detach().clone().requires_grad_()
+    logits = leaf * 1 if kw.get("inplace_backward") else leaf
+    lp, h = er.token_logprobs_and_entropy(logits, labels, temperature=temperature, mask=mask, backend=backend, **kw)
+    pairs = [(out, g) for out, g in ((lp, g_lp), (h, g_h)) if g is not None]
+    torch.autograd.backward([out for out, _ in pairs], [g for _, g in pairs])
+    return lp, h, leaf.grad
+
+
+# ---------------------------------------------------------------- near-zero log-probs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=25)
+@given(
+    rows=st.integers(1, 4),
+    vocab=st.integers(2, 200),
+    spread=st.floats(0.05, 3.0),
+    offset=st.sampled_from([0.0, 30.0, 1000.0, 30000.0, -3e4]),
+    margin=st.floats(0.0, 80.0),
+    log_t=st.floats(math.log(1e-3), math.log(2.0)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_confident_tokens_keep_their_digits(backend, dtype, rows, vocab, spread, offset, margin, log_t, seed):
+    """Large |x| / T with a dominant label (log p near 0): outputs and gradient within the contract."""
+    temperature = math.exp(log_t)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * spread + offset
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    x[torch.arange(rows), labels] += margin * temperature
+    x = x.to(dtype)
+    g_lp, g_h = torch.randn(2, rows, generator=g)
+    lp, h, grad = run(backend, x, labels, None, temperature, g_lp, g_h)
+    ref_h = entropy_f64(x, temperature).detach()
+    check_forward(lp, logprob_f64(x, labels, temperature).detach(), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(x, labels, torch.ones(rows, dtype=torch.bool), temperature, g_lp, g_h)
+    check_gradient(grad, ref, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "values, label, temperature",
+    [
+        ([65504.0, 65504.0, 65472.0], 0, 1.0),
+        ([65504.0, 65504.0, 65472.0], 0, 1e-3),
+        ([65504.0, 65504.0, 65472.0, 65440.0], 0, 1e-3),
+        ([-3e38, -3e38, -3e38], 1, 1.0),
+        ([3e38, 3e38 - 2e31, 1e38], 0, 1e-3),  # |x| / T overflows float32: the gradient stays finite
+    ],
+)
+def test_issue_examples_at_the_float_limits(backend, values, label, temperature):
+    dtype = torch.float16 if max(abs(v) for v in values) < 65505 else torch.float32
+    x = torch.tensor([values], dtype=dtype)
+    labels = torch.tensor([label])
+    g_lp, g_h = torch.tensor([1.0]), torch.tensor([0.5])
+    lp, h, grad = run(backend, x, labels, None, temperature, g_lp, g_h)
+    ref_h = entropy_f64(x, temperature).detach()
+    check_forward(lp, logprob_f64(x, labels, temperature).detach(), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(x, labels, torch.ones(1, dtype=torch.bool), temperature, g_lp, g_h)
+    assert torch.isfinite(grad).all()
+    check_gradient(grad, ref, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_label_gradient_is_relatively_exact(backend):
+    """The issue's case: logits ~38, a dominant label, T = 0.6: d log p_y / dx_y = (1 - p_y) / T ~ 1e-5, to 1e-4."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, generator=g) * 0.3 + 28.0
+    labels = torch.tensor([5, 9, 40])
+    x[torch.arange(3), labels] = 38.0 + torch.tensor([0.0, 0.05, 0.2])
+    _, _, grad = run(backend, x, labels, None, 0.6, torch.ones(3), None)
+    ref, _ = reference_gradient(x, labels, torch.ones(3, dtype=torch.bool), 0.6, torch.ones(3), None)
+    at_label = grad[torch.arange(3), labels].double()
+    ref_label = ref[torch.arange(3), labels]
+    assert (ref_label > 1e-6).all() and (ref_label < 1e-4).all()
+    assert ((at_label - ref_label).abs() <= 1e-4 * ref_label).all(), (at_label, ref_label)
+
+
+# ---------------------------------------------------------------- views of every tensor argument
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(1, 4),
+    vocab=st.integers(1, 90),
+    kinds=st.tuples(*[st.sampled_from(VIEWS)] * 5),
+    temperature=st.floats(0.3, 3.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_views_of_every_argument(backend, b, t, vocab, kinds, temperature, seed):
+    k_logits, k_labels, k_mask, k_glp, k_gh = kinds
+    g = torch.Generator().manual_seed(seed)
+    x = view_logits(torch.randn(b, t, vocab, generator=g) * 3, k_logits)
+    labels = as_view(torch.randint(0, vocab, (b, t), generator=g), k_labels)
+    mask = as_view(torch.rand(b, t, generator=g) < 0.7, k_mask)
+    g_lp = as_view(torch.randn(b, t, generator=g), k_glp)
+    g_h = as_view(torch.randn(b, t, generator=g), k_gh)
+    leaf = torch.randn(b, t, vocab, requires_grad=True)  # the logits' gradient through the view
+    with torch.no_grad():
+        leaf.copy_(x)
+    logits = view_logits(leaf, k_logits) if k_logits != "contiguous" else leaf
+    lp, h = er.token_logprobs_and_entropy(logits, labels, temperature=temperature, mask=mask, backend=backend)
+    torch.autograd.backward([lp, h], [g_lp, g_h])
+    xr = logits.detach()
+    ref_h = torch.where(mask, entropy_f64(xr, temperature).detach(), 0.0)
+    check_forward(lp, torch.where(mask, logprob_f64(xr, labels, temperature).detach(), 0.0), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(xr, labels, mask, temperature, g_lp, g_h)
+    if k_logits == "expanded":  # every position reads row 0: its gradient is the sum over them
+        ref, bound = ref.sum((0, 1), keepdim=True), bound.sum((0, 1), keepdim=True)
+        check_gradient(leaf.grad[:1, :1], ref, bound)
+        assert (leaf.grad.view(-1, vocab)[1:] == 0).all()
+    else:
+        check_gradient(leaf.grad, ref, bound)
+
+
+def test_issue_strided_examples_on_triton():
+    x = torch.randn(4, 3, 23)
+    lab = torch.randint(0, 23, (4, 6))[:, ::2]
+    for backend in BACKENDS:
+        lp = er.token_logprobs_and_entropy(x, lab, backend=backend)[0]
+        check_forward(lp, logprob_f64(x, lab).detach(), "log p", entropy_f64(x))
+        lp = er.token_logprobs_and_entropy(x[0], torch.tensor(3).expand(3), backend=backend)[0]
+        check_forward(lp, logprob_f64(x[0], torch.full((3,), 3)).detach(), "log p", entropy_f64(x[0]))
+        h = er.token_entropy(x[0], mask=torch.tensor(False).expand(3), backend=backend)
+        assert torch.equal(h, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["strided", "offset", "transposed", "expanded"])
+def test_linear_token_entropy_views_of_per_row_tensors(backend, kind):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    labels = as_view(torch.randint(0, 40, (3, 4), generator=g), kind)
+    mask = as_view(torch.rand(3, 4, generator=g) < 0.7, "contiguous" if kind == "expanded" else kind)
+    h32, w32 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    g_lp, g_h = as_view(torch.randn(3, 4, generator=g), kind), as_view(torch.randn(3, 4, generator=g), kind)
+    lp, h = er.linear_token_entropy(h32, w32, labels, mask=mask, temperature=0.8, chunk_size=5, backend=backend)
+    torch.autograd.backward([lp, h], [g_lp, g_h])
+    z = h32.detach().double() @ w32.detach().double().T
+    ref_h = torch.where(mask, entropy_f64(z, 0.8).detach(), 0.0)
+    check_forward(lp, torch.where(mask, logprob_f64(z, labels, 0.8).detach(), 0.0), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(z, labels, mask, 0.8, g_lp, g_h)
+    ref_hidden = ref @ w32.detach().double()
+    torch.testing.assert_close(h32.grad.double(), ref_hidden, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- linear_token_entropy's block merge
+
+
+@pytest.mark.parametrize(
+    "bias_level, peak, temperature",
+    [(30.0, 50.0, 0.6), (1000.0, 1000.5, 1e-3)],
+)
+def test_linear_block_merge_keeps_confident_digits(bias_level, peak, temperature):
+    """Many vocabulary blocks, a large common offset: the merge works in raw logits, not x / T - lse.
+
+    hidden = 0 makes the logits exactly the bias, so the float64 reference sees the kernel's values.
+    """
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.zeros(6, 16)
+    weight = torch.randn(300, 16, generator=g)
+    bias = torch.full((300,), bias_level) + torch.randn(300, generator=g) * 0.01
+    bias[137] = peak
+    labels = torch.tensor([137, 137, 3, 137, 299, 137])
+    lp, h = er.linear_token_entropy(hidden, weight, labels, bias=bias, temperature=temperature, chunk_size=4)
+    z = hidden.double() @ weight.double().T + bias.double()
+    ref_h = entropy_f64(z, temperature).detach()
+    check_forward(lp, logprob_f64(z, labels, temperature).detach(), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+
+
+# ---------------------------------------------------------------- in place on shared memory
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda r: r.expand(5, -1), lambda r: r.view(1, 1, -1).expand(2, 3, -1)])
+def test_inplace_backward_refuses_rows_that_share_memory(backend, make):
+    row = torch.randn(1, 30, requires_grad=True)
+    logits = make(row * 1)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        er.token_entropy(logits, backend=backend, inplace_backward=True)
+    # out of place it is fine, and the gradient sums over the copies
+    (er.token_entropy(logits, backend=backend) * 2).sum().backward()
+    assert torch.isfinite(row.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_on_disjoint_strided_rows_is_allowed(backend):
+    base = torch.randn(4, 6, 30)
+    leaf = base.clone().requires_grad_()
+    er.token_entropy((leaf * 1)[:, :-1], backend=backend, inplace_backward=True).sum().backward()
+    ref = base.double().requires_grad_()
+    entropy_f64(ref[:, :-1]).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_logits_compute_in_float64_and_pass_gradcheck(backend):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    labels = torch.tensor([0, 6, 3])
+    lp, h = er.token_logprobs_and_entropy(x, labels, temperature=0.7, backend=backend)
+    assert lp.dtype == h.dtype == torch.float64
+    torch.testing.assert_close(h, entropy_f64(x.detach(), 0.7), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(lp, logprob_f64(x.detach(), labels, 0.7), rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(
+        lambda t: er.token_logprobs_and_entropy(t, labels, temperature=0.7, backend=backend), (x,)
+    )
+
+
+def test_float64_linear_token_entropy_passes_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, 8, 0, 4])
+    lp, h = er.linear_token_entropy(hidden, weight, labels, bias=bias, chunk_size=3)
+    assert lp.dtype == h.dtype == torch.float64
+    assert torch.autograd.gradcheck(
+        lambda a, w, c: er.linear_token_entropy(a, w, labels, bias=c, temperature=1.3, chunk_size=3), (hidden, weight, bias)
+    )
+
+
+# ---------------------------------------------------------------- argument strictness
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(temperature=10**400), ValueError, "temperature"),
+        (dict(temperature=True), TypeError, "temperature"),
+        (dict(ignore_index=None), TypeError, "ignore_index"),
+        (dict(ignore_index="pad"), TypeError, "ignore_index"),
+        (dict(ignore_index=1.0), TypeError, "ignore_index"),
+        (dict(inplace_backward="no"), TypeError, "inplace_backward"),
+        (dict(inplace_backward=1), TypeError, "inplace_backward"),
+        (dict(backend=["torch"]), ValueError, "backend"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, error, words):
+    x = torch.randn(3, 10, requires_grad=True)
+    with pytest.raises(error, match=words):
+        er.token_logprobs_and_entropy(x, torch.tensor([0, 1, 2]), **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [np.float32(0.7), np.float64(0.7), torch.tensor(0.7), 7 * 10**-1])
+def test_any_real_number_is_a_temperature(temperature):
+    x = torch.randn(3, 10)
+    expected = entropy_f64(x, float(np.float32(0.7)) if isinstance(temperature, np.float32) else 0.7)
+    torch.testing.assert_close(er.token_entropy(x, temperature=temperature).double(), expected, rtol=1e-5, atol=1e-6)
+    assert er.linear_token_entropy(torch.randn(2, 4), torch.randn(6, 4), temperature=temperature).shape == (2,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_of_masked_and_ignored_rows_are_not_checked(backend):
+    x = torch.randn(4, 10)
+    labels = torch.tensor([3, 10**6, -7, 2])  # rows 1 and 2 are padding with arbitrary ids
+    mask = torch.tensor([True, False, True, True])
+    lp, h = er.token_logprobs_and_entropy(x, labels, mask=mask, ignore_index=-7, backend=backend)
+    assert lp[1] == 0 and lp[2] == 0 and h[1] == 0 and h[2] == 0
+    check_forward(lp[[0, 3]], logprob_f64(x[[0, 3]], labels[[0, 3]]).detach(), "log p", entropy_f64(x[[0, 3]]))
+    lp, _ = er.linear_token_entropy(torch.randn(4, 5), torch.randn(10, 5), labels, mask=mask, ignore_index=-7)
+    assert lp[1] == 0 and lp[2] == 0
+    with pytest.raises(ValueError, match="labels"):
+        er.token_logprobs_and_entropy(x, labels, ignore_index=-7, backend="torch")  # row 1 is active now
