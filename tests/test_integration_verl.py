@@ -13,7 +13,6 @@ import torch
 
 pytest.importorskip("verl", reason="install the extra: pip install 'entropy-reg[verl]'")
 
-from omegaconf import OmegaConf  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -351,3 +350,29 @@ def test_padding_rows_take_no_part_in_the_allocation():
     assert metrics["actor/aer/coef_mean"] == pytest.approx(0.003, rel=1e-6)
     with pytest.raises(ValueError, match="one per response"):
         aer.coefficients(all_scores, all_uid, valid[:-1])
+
+
+def test_checkpoint_callback_saves_then_runs_the_users_callback(tmp_path):
+    """AERCheckpointCallback writes aer_state.json, then calls the callback verl built from the
+    user's trainer.checkpoint_callback_class with the same arguments."""
+    from types import SimpleNamespace
+
+    from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
+
+    from entropy_reg.integrations.verl import AERCheckpointCallback
+
+    calls = []
+
+    class UserCallback(CheckpointCallback):
+        def on_save(self, trainer, global_step, checkpoint_dir, async_save=False, **kwargs):
+            calls.append((global_step, checkpoint_dir, async_save, (tmp_path / "global_step_3" / STATE_FILE).exists()))
+
+    trainer = SimpleNamespace(aer=VerlAER(AERConfig(coef_init=0.004)))
+    callback = AERCheckpointCallback(config=None, inner=UserCallback())
+    callback.on_save(trainer=trainer, global_step=3, checkpoint_dir=str(tmp_path / "global_step_3"), async_save=True)
+    assert calls == [(3, str(tmp_path / "global_step_3"), True, True)]
+    restored = VerlAER()
+    assert restored.load(tmp_path / "global_step_3") and restored.regularizer.value == 0.004
+    with pytest.raises(TypeError, match="no VerlAER"):
+        callback.on_save(trainer=SimpleNamespace(), global_step=4, checkpoint_dir=str(tmp_path / "global_step_4"))
+    assert not (tmp_path / "global_step_4").exists() and len(calls) == 1

@@ -49,7 +49,7 @@ pytest.importorskip("verl", reason="install the extra: pip install 'entropy-reg[
 import torch.distributed as dist  # noqa: E402
 import transfer_queue  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
-from tensordict import NonTensorData, NonTensorStack, TensorDict  # noqa: E402
+from tensordict import NonTensorStack, TensorDict  # noqa: E402
 from transfer_queue import KVBatchMeta  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.engine.base import BaseEngine  # noqa: E402

@@ -260,10 +260,12 @@ def _load_on_resume(trainer: Any) -> None:
             logger.warning("AER: %s has no AER state (saved without AER?); the target is measured anew", folder)
 
 
-def _actor_dataclass(config: Any) -> Any:
+def _install_loss(trainer: Any) -> None:
+    """The AER loss on the trainer's actor workers, once verl has built them (and set its own loss)."""
     from verl.utils.config import omega_conf_to_dataclass
 
-    return omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    actor_config = omega_conf_to_dataclass(trainer.config.actor_rollout_ref.actor)
+    trainer.actor_rollout_wg.set_loss_fn(trainer.aer.loss_fn(actor_config, trainer.config.get("distillation")))
 
 
 class AERCheckpointCallback:
@@ -433,7 +435,7 @@ class AERTrainerMixin:
 
     def init_workers(self) -> None:
         super().init_workers()
-        self.actor_rollout_wg.set_loss_fn(self.aer.loss_fn(_actor_dataclass(self.config), self.config.get("distillation")))
+        _install_loss(self)
 
     def _compute_old_log_prob(self, batch: DataProto):
         old_log_prob, mfu = super()._compute_old_log_prob(batch)
@@ -479,7 +481,7 @@ class AERPPOTrainerMixin:
 
     def _setup(self) -> None:
         super()._setup()
-        self.actor_rollout_wg.set_loss_fn(self.aer.loss_fn(_actor_dataclass(self.config), self.config.get("distillation")))
+        _install_loss(self)
 
     @staticmethod
     def _real_samples(batch: Any) -> np.ndarray:
@@ -490,7 +492,9 @@ class AERPPOTrainerMixin:
         import transfer_queue as tq
 
         batch = super()._compute_old_log_prob(batch, metrics=metrics)
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy", "response_mask"])
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy", "response_mask"]
+        )
         real = torch.from_numpy(self._real_samples(batch))
         entropy = _padded(data["entropy"])[real]
         mask = _padded(data["response_mask"])[real]
