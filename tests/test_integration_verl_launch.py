@@ -236,3 +236,20 @@ def test_example_script_is_a_valid_verl_command(hydra_module):
     assert aer_verl.prepare_config(config) == AERConfig(target_ratio=0.5, coef_max=0.005)
     assert config.actor_rollout_ref.rollout.name == "vllm" and config.trainer.use_v1
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+def test_distillation_on_keeps_verls_distillation_loss(hydra_module):
+    """With distillation on, the AER loss wraps distillation_ppo_loss bound to verl's own
+    DistillationConfig (converted from the config's section, as the worker does); off, ppo_loss."""
+    from verl.trainer.distillation import distillation_ppo_loss
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config import DistillationConfig
+
+    config = cfg("distillation.enabled=True", "distillation.teacher_models.teacher_model.model_path=/teacher")
+    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    fn = aer_verl.VerlAER().loss_fn(actor, config.distillation)
+    assert fn.base.func is distillation_ppo_loss and fn.base.keywords["config"] is actor
+    distill = fn.base.keywords["distillation_config"]
+    assert isinstance(distill, DistillationConfig) and distill.enabled
+    assert distill.distillation_loss.loss_mode == config.distillation.distillation_loss.loss_mode
+    assert aer_verl.VerlAER().loss_fn(actor, cfg().distillation).base.func.__name__ == "ppo_loss"
