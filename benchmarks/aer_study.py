@@ -12,12 +12,14 @@ interrupted one loses only the runs in flight. Runs go to ``--jobs`` worker
 processes with one torch thread each.
 
 Arms (each setting): no entropy term; fixed coefficients on a log grid
-(:data:`FIXED_GRID`, from collapse to blow-up); AER with the library's
-defaults (``AERConfig()``); AER minus each component (uniform allocation, an
-absolute 0.2-nat target, a frozen coefficient); and the sign rule with an
-absolute 0.2-nat target and uniform weights (Skywork-OR1 / TRL style).
-``--tune`` adds the controller candidates of :data:`TUNING_ARMS`, on the first
-setting only: defaults are chosen there, the other settings are confirmation.
+(:data:`FIXED_GRID`, from no effect to blow-up); AER with the library's
+defaults (``AERConfig()``); "AER (log PI)", the damped multiplicative
+controller chosen on the tuning setting (:data:`AER_LOG_PI`); and the sign
+rule with an absolute 0.2-nat target and uniform weights (Skywork-OR1 / TRL
+style). The first setting is the tuning one: only there, "AER (log PI)" minus
+each component (uniform allocation, an absolute 0.2-nat target, a frozen
+coefficient) and, with ``--tune``, the candidates of :data:`TUNING_ARMS`; the
+other settings are confirmation, never tuned on.
 
 Metrics per run (held-out prompts fixed per task): final pass@1; pass@k for
 k = 1..64 from 64 samples per prompt (unbiased estimator); AUC = the mean
@@ -56,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package next to this script, installed or not
 
-from entropy_reg.demo.arms import ArmSpec, CoefficientSource  # noqa: E402
+from entropy_reg.demo.arms import LOG_PI, ArmSpec, CoefficientSource  # noqa: E402
 from entropy_reg.demo.grpo import GRPOConfig, train_arm  # noqa: E402
 from entropy_reg.demo.policy import SIZES, PolicyConfig, TinyTransformer  # noqa: E402
 from entropy_reg.demo.report import COLLAPSE_FRACTION, moving_average, smoothing_window  # noqa: E402
@@ -77,33 +79,46 @@ SEEDS = 5
 QUICK_GRPO = replace(GRPO, steps=3, prompts_per_step=4, group_size=4, eval_every=1, eval_prompts_per_bucket=2,
                      eval_samples=2, final_eval_samples=8, pass_k=tuple(range(1, 9)))
 QUICK_WARM = WarmStartConfig(steps=3, batch_size=16)
+# (task, named size): the first is the tuning setting, the other differs in both task and size.
+SETTINGS = (("addition", "small"), ("digitsum", "large"))
+QUICK_SETTINGS = (("addition", "small"), ("digitsum", "small"))
 # Held-out prompts: one fixed set per task, the same for every seed and arm.
 EVAL_SEED = 1_000_003
 # Controller candidates (AERConfig overrides), run with --tune on the tuning setting only.
+_LOG_PI = {"coef_rule": "log", "coef_lr": 0.1, "coef_damping": 1.0, "coef_init": 1e-3, "coef_min": 1e-3, "coef_max": 1.0}
+# The one with the highest mean AUC on the tuning setting (0.375, next 0.356; 5 seeds) is the
+# demo's LOG_PI, run as "AER (log PI)" in every setting.
+AER_LOG_PI = LOG_PI
 TUNING_ARMS: dict[str, dict[str, Any]] = {
     # The demo's controller before this study: an integral rule on the raw entropy.
     "integral, lr 0.02, max 0.3": {"coef_lr": 0.02, "coef_max": 0.3},
     # Multiplicative PI: relative steps, so no setting depends on the loss scale.
-    "log PI, lr 0.1, damping 1, [1e-3, 1]": {"coef_rule": "log", "coef_lr": 0.1, "coef_damping": 1.0,
-                                             "coef_init": 1e-3, "coef_min": 1e-3, "coef_max": 1.0},
-    "log PI, lr 0.1, damping 1, [1e-3, 1], target 0.75 H0": {"coef_rule": "log", "coef_lr": 0.1, "coef_damping": 1.0,
-                                                             "coef_init": 1e-3, "coef_min": 1e-3, "coef_max": 1.0,
-                                                             "target_ratio": 0.75},
+    "log PI, lr 0.1, damping 1, [1e-3, 1]": _LOG_PI,
+    "log PI, lr 0.1, damping 1, [1e-3, 1], target 0.75 H0": {**_LOG_PI, "target_ratio": 0.75},
+    "log PI, lr 0.3, damping 1, [1e-3, 1]": {**_LOG_PI, "coef_lr": 0.3},
+    "log PI, lr 0.3, damping 1, [1e-3, 1], target 0.75 H0": {**_LOG_PI, "coef_lr": 0.3, "target_ratio": 0.75},
 }
 
 
-def core_arms() -> list[ArmSpec]:
-    """The arms every setting runs (see the module docstring)."""
-    return [
+def core_arms(ablations: bool) -> list[ArmSpec]:
+    """The arms of a setting (see the module docstring); the ablations only where ``ablations``."""
+    arms = [
         ArmSpec("no entropy", "none"),
         *(ArmSpec(f"fixed {c:g}", "fixed", c) for c in FIXED_GRID),
         ArmSpec("AER", "aer"),
-        ArmSpec("AER - difficulty", "aer", allocation=False),
-        ArmSpec("AER - anchor", "aer", anchored=False),
-        ArmSpec("AER - controller", "aer", coef=FIXED_GRID[len(FIXED_GRID) // 2], adaptive=False),
+        ArmSpec("AER (log PI)", "aer", aer=AER_LOG_PI),
         ArmSpec("sign rule (0.2-nat target)", "aer", allocation=False, anchored=False,
-                aer={"coef_rule": "sign", "coef_lr": SIGN_LR, "coef_max": 1.0}),
+                aer={"coef_rule": "sign", "coef_lr": SIGN_LR, "coef_init": 0.0, "coef_min": 0.0, "coef_max": 1.0,
+                     "coef_damping": 0.0}),
     ]
+    if ablations:
+        arms += [
+            ArmSpec("AER (log PI) - difficulty", "aer", allocation=False, aer=AER_LOG_PI),
+            ArmSpec("AER (log PI) - anchor", "aer", anchored=False, aer=AER_LOG_PI),
+            ArmSpec("AER (log PI) - controller", "aer", coef=FIXED_GRID[len(FIXED_GRID) // 2], adaptive=False,
+                    aer=AER_LOG_PI),
+        ]
+    return arms
 
 
 def load_task(spec: str) -> Task:
@@ -244,12 +259,14 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, t * stdev(values) / math.sqrt(len(values))
 
 
+PAIRED = ("pass@1", "pass@kmax", "auc")
 SCALARS = ("pass@1", "pass@kmax", "auc", "H_late/H0", "H_min/H0", "alpha_mean", "alpha_step", "alpha_cv_late")
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{setting: {arm: {metric: [mean, half-width], "collapsed": n, "seeds": n, "pass@k": [means]}}}``;
-    ``pass@kmax`` is pass@k at the largest k (64 in the full study)."""
+    """``{setting: {arm: {metric: [mean, half-width], "collapsed": n, "seeds": n, "pass@k": [means],
+    "vs_none": {metric: [mean, half-width]}}}}``; ``pass@kmax`` is pass@k at the largest k (64 in
+    the full study); ``vs_none`` is the per-seed difference to the no-entropy arm."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         out.setdefault(r["setting"], {}).setdefault(r["arm"], []).append(r)
@@ -263,11 +280,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             row["collapsed"] = sum(x["collapsed"] for x in ms)
             row["seeds"] = len(ms)
             summary[setting][arm] = row
+        # Paired by seed (same warm start, data and sampling streams): the seed-to-seed spread of
+        # the warm starts cancels, which the unpaired intervals above carry in full.
+        if "no entropy" in arms:
+            base = {r["seed"]: run_metrics(r) for r in arms["no entropy"]}
+            for arm, runs in arms.items():
+                pairs = [(run_metrics(r), base[r["seed"]]) for r in runs if r["seed"] in base]
+                if pairs:
+                    summary[setting][arm]["vs_none"] = {
+                        m: list(mean_ci([x[m] - b[m] for x, b in pairs])) for m in PAIRED}
     return summary
 
 
 def goal_check(rows: dict[str, Any], kmax: int, aer: str = "AER") -> list[str]:
-    """Lines saying where ``aer`` stands against the best fixed coefficient and no entropy term."""
+    """Lines saying where ``aer`` stands against the best fixed coefficient (unpaired intervals)
+    and against no entropy term (the per-seed difference, when the rows have it)."""
     fixed = {a: r for a, r in rows.items() if a.startswith("fixed ")}
     if aer not in rows or not fixed:
         return []
@@ -284,8 +311,9 @@ def goal_check(rows: dict[str, Any], kmax: int, aer: str = "AER") -> list[str]:
         n = rows["no entropy"]
         for m in ("pass@kmax", "auc"):
             d = a[m][0] - n[m][0]
+            paired = f"; per-seed difference {a['vs_none'][m][0]:+.3f} ± {a['vs_none'][m][1]:.3f}" if "vs_none" in a else ""
             lines.append(f"- {names[m]}: {aer} {'above' if d > 0 else 'NOT above'} no entropy by {d:+.3f} "
-                         f"({aer} {a[m][0]:.3f} ± {a[m][1]:.3f}, no entropy {n[m][0]:.3f} ± {n[m][1]:.3f})")
+                         f"({aer} {a[m][0]:.3f} ± {a[m][1]:.3f}, no entropy {n[m][0]:.3f} ± {n[m][1]:.3f}{paired})")
     return lines
 
 
@@ -299,18 +327,22 @@ def format_markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) ->
              f"Machine: {meta['machine']}. Wall time {meta['wall_s']:.0f} s with --jobs {meta['jobs']}.",
              "Tuning setting (defaults chosen here): " + meta["tuning_setting"] + "; the others are confirmation.", ""]
     for setting, rows in summary.items():
-        lines += [f"## {setting}", "", "| arm | " + " | ".join(c[1] for c in cols) + " | collapsed |",
-                  "|---" * (len(cols) + 2) + "|"]
+        lines += [f"## {setting}", "", "| arm | " + " | ".join(c[1] for c in cols)
+                  + " | AUC - no entropy, paired | collapsed |", "|---" * (len(cols) + 3) + "|"]
         for arm, r in rows.items():
             cells = [f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m, _ in cols]
-            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {r['collapsed']}/{r['seeds']} |")
-        lines += [""] + goal_check(rows, kmax) + [""]
+            paired = f"{r['vs_none']['auc'][0]:+.3f} ± {r['vs_none']['auc'][1]:.3f}" if "vs_none" in r else "-"
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {paired} | {r['collapsed']}/{r['seeds']} |")
+        lines.append("")
+        for aer in (a for a in rows if a.startswith("AER") and " - " not in a):
+            lines += goal_check(rows, kmax, aer)
+        lines.append("")
     return "\n".join(lines)
 
 
 def plot(path: Path, summary: dict[str, dict[str, Any]], kmax: int) -> None:
-    """Each metric against the fixed coefficient (log x), one row per setting; AER is a band
-    (mean ± 95% interval), no entropy a dashed line."""
+    """Each metric against the fixed coefficient (log x), one row per setting; each AER arm is a
+    band (mean ± 95% interval), no entropy a dashed line."""
     from matplotlib.figure import Figure
 
     metrics = [("pass@1", "final pass@1"), ("pass@kmax", f"pass@{kmax}"), ("auc", "AUC (mean pass@1 in training)"),
@@ -328,10 +360,11 @@ def plot(path: Path, summary: dict[str, dict[str, Any]], kmax: int) -> None:
                 ax.errorbar(xs, [r[m][0] for _, r in fixed], yerr=[r[m][1] for _, r in fixed], marker="o",
                             color="tab:blue", capsize=3, label="fixed coefficient")
                 ax.set_xscale("log")
-            if "AER" in rows:
-                mu, hw = rows["AER"][m]
-                ax.axhspan(mu - hw, mu + hw, color="tab:red", alpha=0.25, label="AER (95% interval)")
-                ax.axhline(mu, color="tab:red", lw=1.5)
+            for aer, color in (("AER", "tab:red"), ("AER (log PI)", "tab:green")):
+                if aer in rows:
+                    mu, hw = rows[aer][m]
+                    ax.axhspan(mu - hw, mu + hw, color=color, alpha=0.2, label=f"{aer} (95% interval)")
+                    ax.axhline(mu, color=color, lw=1.5)
             if "no entropy" in rows:
                 ax.axhline(rows["no entropy"][m][0], color="black", ls="--", lw=1.2, label="no entropy")
             if m == "H_late/H0":
@@ -344,21 +377,22 @@ def plot(path: Path, summary: dict[str, dict[str, Any]], kmax: int) -> None:
     tmp.replace(path)
 
 
-def build_jobs(tasks: list[str], sizes: list[tuple[int, int]], seeds: list[int], grpo: GRPOConfig,
+def build_jobs(settings: list[tuple[str, tuple[int, int]]], seeds: list[int], grpo: GRPOConfig,
                warm: WarmStartConfig, tune: bool, only: list[str] | None = None) -> list[Job]:
-    """Every (setting, arm, seed); ``only`` keeps the arms of those names."""
+    """Every (setting, arm, seed). The first setting is the tuning one: it alone runs the
+    ablations and, with ``tune``, the candidates. ``only`` keeps the arms of those names."""
     jobs = []
-    for ti, task in enumerate(tasks):
-        for si, size in enumerate(sizes):
-            arms = core_arms()
-            if tune and ti == 0 and si == 0:
-                arms += [ArmSpec(f"tune: {name}", "aer", aer=cfg) for name, cfg in TUNING_ARMS.items()]
-            if only is not None:
-                unknown = set(only) - {a.name for a in arms}
-                if unknown:
-                    raise ValueError(f"--arm: unknown arms {sorted(unknown)}; known: {[a.name for a in arms]}")
-                arms = [a for a in arms if a.name in only]
-            jobs += [Job(task, size, arm, seed, grpo, warm) for arm in arms for seed in seeds]
+    for i, (task, size) in enumerate(settings):
+        arms = core_arms(ablations=i == 0)
+        if tune and i == 0:
+            arms += [ArmSpec(f"tune: {name}", "aer", aer=cfg) for name, cfg in TUNING_ARMS.items()]
+        if only is not None:
+            arms = [a for a in arms if a.name in only]
+        jobs += [Job(task, size, arm, seed, grpo, warm) for arm in arms for seed in seeds]
+    if only is not None:
+        unknown = set(only) - {j.arm.name for j in jobs}
+        if unknown:
+            raise ValueError(f"--arm: unknown arms {sorted(unknown)}")
     # Seed-major: an interrupted study has every arm on its first seeds, not some arms on all.
     return sorted(jobs, key=lambda j: j.seed)
 
@@ -407,13 +441,17 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aer_study.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", action="append", help="built-in task name or module:factory (repeat; default addition, digitsum)")
-    p.add_argument("--size", action="append", type=_size,
-                   help=f"named policy size {sorted(SIZES)} (repeat; default small, large; --quick: small)")
+    p.add_argument("--setting", action="append", nargs=2, metavar=("TASK", "SIZE"),
+                   help="one task x size setting (repeat; the first is the tuning setting); default: "
+                        + ", ".join(f"{t} {s}" for t, s in SETTINGS))
+    p.add_argument("--task", action="append",
+                   help="built-in task name or module:factory (repeat; with --size: their cross product)")
+    p.add_argument("--size", action="append", type=_size, help=f"named policy size {sorted(SIZES)} (repeat)")
     p.add_argument("--width", type=_positive, help="with --layers: one custom policy size instead of --size")
     p.add_argument("--layers", type=_positive, help="with --width")
     p.add_argument("--seeds", type=_positive, help=f"seeds 0..N-1 (default {SEEDS}; --quick 2)")
     p.add_argument("--steps", type=_positive, help=f"GRPO steps per run (default {GRPO.steps})")
+    p.add_argument("--lr", type=float, help=f"GRPO learning rate (default {GRPO.lr:g})")
     p.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1, help="worker processes (default: the core count)")
     p.add_argument("--threads", type=_positive, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--arm", action="append", help="run only the arms of these names (repeat; default: all)")
@@ -429,14 +467,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.width is None) != (args.layers is None):
         build_parser().error("--width and --layers go together")
-    tasks = args.task or ["addition", "digitsum"]
-    for t in tasks:
-        load_task(t)  # a bad --task fails before any run starts
-    default_sizes = [SIZES["small"]] if args.quick else [SIZES["small"], SIZES["large"]]
-    sizes = [(args.width, args.layers)] if args.width else (args.size or default_sizes)
+    if args.setting:
+        try:
+            settings = [(t, _size(s)) for t, s in args.setting]
+        except argparse.ArgumentTypeError as exc:
+            build_parser().error(f"--setting: {exc}")
+    elif args.task or args.size or args.width:
+        sizes = [(args.width, args.layers)] if args.width else (args.size or [SIZES["small"]])
+        settings = [(t, s) for t in (args.task or ["addition"]) for s in sizes]
+    else:
+        settings = [(t, SIZES[s]) for t, s in (QUICK_SETTINGS if args.quick else SETTINGS)]
+    for t, _ in settings:
+        try:
+            load_task(t)  # a bad task fails before any run starts
+        except (ValueError, TypeError, ImportError, AttributeError) as exc:
+            build_parser().error(f"--task: {exc}")
     grpo, warm = (QUICK_GRPO, QUICK_WARM) if args.quick else (GRPO, WARM)
     if args.steps:
         grpo = replace(grpo, steps=args.steps, eval_every=min(grpo.eval_every, args.steps))
+    if args.lr is not None:
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            build_parser().error(f"--lr must be a positive number, got {args.lr}")
+        grpo = replace(grpo, lr=args.lr)
     seeds = list(range(args.seeds or (2 if args.quick else SEEDS)))
     out: Path = args.out
     cache: Path = args.cache
@@ -444,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     only = args.arm
     try:
-        jobs = build_jobs(tasks, sizes, seeds, grpo, warm, args.tune, only)
+        jobs = build_jobs(settings, seeds, grpo, warm, args.tune, only)
     except ValueError as exc:
         build_parser().error(str(exc))
     order = {(j.setting, j.arm.name, j.seed): i for i, j in enumerate(jobs)}
@@ -473,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
               + ("cached" if cached else f"wall {record['wall_s']:.0f} s"), flush=True)
         write()
 
-    print(f"{len(jobs)} runs ({len(tasks)} tasks x {len(sizes)} sizes, {len(seeds)} seeds), --jobs {args.jobs}", flush=True)
+    print(f"{len(jobs)} runs ({len(settings)} settings, {len(seeds)} seeds), --jobs {args.jobs}", flush=True)
     try:
         execute(jobs, cache, args.jobs, args.threads, on_done)
     except KeyboardInterrupt:

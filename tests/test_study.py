@@ -75,6 +75,37 @@ def test_goal_check_says_where_aer_loses() -> None:
     assert "AUC: AER NOT above no entropy by -0.020" in lines[4]
 
 
+def _record(arm: str, seed: int, pass1: float, auc_steps: list[float]) -> dict:
+    return {"setting": "t / small", "arm": arm, "seed": seed,
+            "history": {"step": [0, 1], "entropy": [1.0, 1.0], "coef": [0.0, 0.0], "eval_step": [0, 1, 2],
+                        "eval_pass1": auc_steps},
+            "final": {"pass@1": {"all": pass1}, "pass@2": {"all": pass1}}}
+
+
+def test_summary_pairs_arms_with_no_entropy_by_seed() -> None:
+    # Seeds differ a lot (0.2 vs 0.8) but AER is +0.1 on pass@1 on each: the paired
+    # interval is tight where the unpaired one is wide.
+    records = [_record("no entropy", 0, 0.2, [0.0, 0.0, 0.0]), _record("no entropy", 1, 0.8, [1.0, 1.0, 1.0]),
+               _record("AER", 1, 0.9, [1.0, 1.0, 1.0]), _record("AER", 0, 0.3, [0.0, 0.5, 0.0])]
+    row = aer_study.summarize(records)["t / small"]["AER"]
+    assert row["seeds"] == 2
+    assert row["pass@1"] == pytest.approx([0.6, 12.706 * math.sqrt(0.18) / math.sqrt(2)])
+    assert row["vs_none"]["pass@1"] == pytest.approx([0.1, 0.0], abs=1e-12)
+    # AUC differences: seed 0 (0.25 + 0.25) / 2 = 0.25, seed 1: 0.
+    assert row["vs_none"]["auc"] == pytest.approx([0.125, 12.706 * math.sqrt(0.03125) / math.sqrt(2)])
+    assert "per-seed difference +0.125" in "\n".join(
+        aer_study.goal_check({**aer_study.summarize(records)["t / small"],
+                              "fixed 0.1": _row(0.5, 0.1, 0.5, 0.5)}, 2))
+
+
+def test_the_chosen_aer_is_a_tuning_candidate_and_the_demos() -> None:
+    from entropy_reg.demo.arms import DEMO_AER
+    from entropy_reg.regularizer import AERConfig
+
+    assert aer_study.AER_LOG_PI in aer_study.TUNING_ARMS.values()
+    assert AERConfig(**aer_study.AER_LOG_PI) == DEMO_AER
+
+
 def test_load_task_by_name_and_by_module_factory() -> None:
     assert isinstance(aer_study.load_task("entropy_reg.demo.task:DigitSumTask"), DigitSumTask)
     with pytest.raises(ValueError, match="unknown task 'nope'"):

@@ -15,8 +15,9 @@ The ablations (``--ablate``) remove one AER component each, through
 - no difficulty allocation: ``difficulty_rule="uniform"``;
 - no anchor: an absolute target of 0.2 nats (TRL's default), written as
   ``initial_entropy=0.2, target_ratio=1.0``;
-- no controller: ``coef_lr=0`` freezes alpha at ``coef_init`` = the "low" fixed
-  coefficient, so that arm differs from "fixed low" only by the allocation.
+- no controller: ``coef_lr=0`` and no damping freeze alpha at ``coef_init`` = the
+  arm's ``coef``, so that arm differs from the fixed arm of that constant only by
+  the allocation.
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ from ..regularizer import AdaptiveEntropyRegularizer, AERConfig
 # TRL's default absolute target (GRPOConfig), the "no anchor" ablation's target.
 ABSOLUTE_TARGET_NATS = 0.2
 
-# The demo's AER settings. The library's controller defaults (lr 1e-4, ceiling 1e-2)
-# are sized for LLMs; this 100k-parameter policy, whose policy-gradient term is O(1),
-# needs coefficients ten times larger (the fixed low/high arms bracket them), so the
-# controller's step and ceiling are scaled to match. Everything else is the default.
-DEMO_AER = AERConfig(coef_lr=0.02, coef_max=0.3)
+# The damped multiplicative controller (log rule with damping) and target ratio that
+# benchmarks/aer_study.py chose on its tuning setting (addition, small policy) by AUC. Its
+# steps are relative (alpha moves by a factor exp(0.1 e) per step, plus exp(e) from the
+# damping), so the only scale it carries is the range [1e-3, 1] alpha may take. The library's
+# defaults are an additive integral rule with lr 1e-4 and a ceiling of 1e-2, sized for LLMs:
+# this 100k-parameter policy, whose policy-gradient term is O(1), needs coefficients near 0.1
+# when entropy has collapsed, which that ceiling forbids.
+LOG_PI = {"coef_rule": "log", "coef_lr": 0.1, "coef_damping": 1.0, "coef_init": 1e-3, "coef_min": 1e-3,
+          "coef_max": 1.0, "target_ratio": 0.75}
+DEMO_AER = AERConfig(**LOG_PI)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,8 @@ class ArmSpec:
         if not self.anchored:
             cfg = replace(cfg, initial_entropy=ABSOLUTE_TARGET_NATS, target_ratio=1.0)
         if not self.adaptive:
-            cfg = replace(cfg, coef_lr=0.0, coef_init=self.coef, coef_max=max(cfg.coef_max, self.coef))
+            cfg = replace(cfg, coef_lr=0.0, coef_damping=0.0, coef_init=self.coef,
+                          coef_min=min(cfg.coef_min, self.coef), coef_max=max(cfg.coef_max, self.coef))
         return cfg
 
 
