@@ -7,7 +7,7 @@
 
 The forward gives each tile's per-row statistics (raw max m_b, c_b = ln sum exp((x - m_b) / T),
 H_b) with the entropy kernel of the chosen backend (Triton on CUDA, torch on CPU) and merges the
-vocabulary blocks exactly (``entropy_reg.vocab_parallel.merge_parts``: M = max m_b,
+vocabulary blocks exactly (``entropy_reg.partials.merge_parts``: M = max m_b,
 a_b = (m_b - M) / T + c_b, c = ln sum exp(a_b), H = sum_b e^a_b (H_b - a_b) / e^c + c,
 log p_y = (x_y - M) / T - c); it saves three numbers per row (M, c, H).
 The backward recomputes each tile, turns it into dL/dlogits (a second tile-sized
@@ -54,7 +54,8 @@ from . import kernels
 from .checks import as_count, as_scalar
 from .entropy import LOGIT_DTYPES, flat_rows
 from .kernels.torch_chunked import compute_dtype
-from .vocab_parallel import group_layout, label_logits, localize, merge_over_group, merge_parts, part_backward, part_stats
+from .partials import label_logits, localize, merge_parts, part_backward, part_stats
+from .vocab_parallel import group_layout, merge_over_group
 
 _WEIGHT_BLOCK_BYTES = 256 << 20  # float32 weight-gradient block
 _TILE_ELEMS = {"cpu": 1 << 20}  # logits per tile: 4 MiB float32 on CPU, cache-sized

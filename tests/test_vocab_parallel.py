@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from entropy_reg import token_entropy, token_logprobs_and_entropy
 from entropy_reg.linear import linear_token_entropy
-from entropy_reg.vocab_parallel import merge_parts
+from entropy_reg.partials import merge_parts
 from tests.reference import entropy_f64, logprob_f64
 
 F64 = torch.float64
