@@ -46,6 +46,7 @@ def entropy64(logits: torch.Tensor) -> torch.Tensor:
 
 
 def actor_config(mode: str, **kw) -> ActorConfig:
+    kw.setdefault("calculate_entropy", True)
     return ActorConfig(
         strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=2,
         loss_agg_mode=mode, **kw,
@@ -268,6 +269,8 @@ def test_checkpoint_beside_global_step(tmp_path):
 def test_loss_fn_refuses_double_bonus_and_missing_inputs():
     with pytest.raises(ValueError, match="entropy_coeff"):
         make_loss_fn(actor_config("token-mean", entropy_coeff=0.001))
+    with pytest.raises(ValueError, match="calculate_entropy must be True"):
+        make_loss_fn(actor_config("token-mean", calculate_entropy=False))
     fn = make_loss_fn(actor_config("token-mean"))
     data, logits, _, _, offsets = make_inputs("dense")
     set_global(data, dp=1, tokens=None, seqs=None)

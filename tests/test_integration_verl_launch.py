@@ -246,6 +246,7 @@ def test_distillation_on_keeps_verls_distillation_loss(hydra_module):
     from verl.workers.config import DistillationConfig
 
     config = cfg("distillation.enabled=True", "distillation.teacher_models.teacher_model.model_path=/teacher")
+    aer_verl.prepare_config(config)  # turns calculate_entropy on, as the launcher does
     actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
     fn = aer_verl.VerlAER().loss_fn(actor, config.distillation)
     assert fn.base.func is distillation_ppo_loss and fn.base.keywords["config"] is actor

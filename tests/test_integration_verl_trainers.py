@@ -740,7 +740,7 @@ def _dp_rank(rank: int, init_file: str, queue) -> None:
         results = {}
         for mode in MODES:
             cfg = ActorConfig(strategy="fsdp", ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2, rollout_n=4,
-                              loss_agg_mode=mode, loss_scale_factor=DP_SCALE)
+                              loss_agg_mode=mode, loss_scale_factor=DP_SCALE, calculate_entropy=True)
             worker = cpu_worker(TinyPolicy(), cfg)
             worker.loss_fn = make_loss_fn(cfg)
             TrainingWorker.train_mini_batch(worker, dp_shard(rank))

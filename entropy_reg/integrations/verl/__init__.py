@@ -70,6 +70,7 @@ __all__ = [
     "SUPPORTED_V1_MODES",
     "VerlAER",
     "AERLoss",
+    "aer_term",
     "aer_ppo_loss",
     "make_loss_fn",
     "prepare_config",
@@ -78,6 +79,7 @@ __all__ = [
     "AERPPOTrainerMixin",
     "aer_trainer_class",
     "install",
+    "WithAER",
     "run",
     "main",
 ]
@@ -384,7 +386,7 @@ def make_loss_fn(actor_config: Any, distillation_config: Any = None, *, prefix: 
     ``distillation_ppo_loss`` when ``distillation_config`` (the config's
     ``distillation`` section) is enabled, else ``ppo_loss``, both bound to
     ``actor_config``. Refuses ``entropy_coeff != 0`` (verl would add its own
-    constant bonus on top of AER's).
+    constant bonus on top of AER's) and ``calculate_entropy=False``.
     """
     from functools import partial
 
@@ -392,6 +394,11 @@ def make_loss_fn(actor_config: Any, distillation_config: Any = None, *, prefix: 
         raise ValueError(
             f"AER: actor_config.entropy_coeff must be 0 (got {actor_config.entropy_coeff}); "
             "set actor_rollout_ref.actor.entropy_coeff=0"
+        )
+    if not actor_config.calculate_entropy:  # else the first actor update fails, after a whole rollout
+        raise ValueError(
+            "AER: actor_config.calculate_entropy must be True (the AER term needs the entropy in the actor "
+            "update); set actor_rollout_ref.actor.calculate_entropy=True, or call prepare_config(config) first"
         )
     from verl.trainer.distillation import distillation_ppo_loss, is_distillation_enabled
 
