@@ -12,6 +12,9 @@
   handled by the callers, which keep them vectorized.
 - A *state* (``load_state_dict``'s argument) is a dict with exactly the expected
   keys: a missing key and an unknown one are both errors (torch's strict rule).
+- The kernels' tensors: logits, hidden and weight are float tensors of a dtype in
+  ``LOGIT_DTYPES``; per-row labels and masks match their leading shape and device,
+  and :func:`flat_rows` returns them flat and contiguous.
 
 Each check returns a plain Python value or raises TypeError (wrong kind) or
 ValueError (right kind, out of range) with a message that names the argument.
@@ -28,7 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_scalar", "as_count", "as_flag", "as_sequence", "as_state"]
+__all__ = ["as_scalar", "as_count", "as_flag", "as_sequence", "as_state", "check_float_tensor", "flat_rows"]
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _unwrap(value: Any, name: str) -> Any:
@@ -110,3 +115,67 @@ def as_state(state: Any, keys: Iterable[str], name: str = "state") -> dict[str, 
             f"unknown {sorted(map(str, unknown))}"
         )
     return state
+
+
+def check_float_tensor(t: Any, name: str) -> None:
+    """``t`` must be a tensor of a dtype the kernels take (float32, bfloat16, float16, float64)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def flat_rows(
+    labels: Tensor | None,
+    mask: Tensor | None,
+    like: Tensor,
+    like_name: str,
+    vocab: int,
+    ignore_index: int,
+    check_range: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Check per-row ``labels`` / ``mask`` against ``like[..., X]``; return them flat.
+
+    Returns (labels as contiguous int64 [n] or None, active rows as contiguous
+    bool [n] or None when every row is active): the kernels index them as flat
+    arrays, so strided and expanded views are copied here (O(n), never O(n V)).
+    A row is active when its mask is True and its label is not ``ignore_index``.
+    ``check_range`` also checks the active rows' ids against ``[0, vocab)`` (a
+    host sync); inactive rows are never read, so their labels may hold anything.
+    """
+    active = None
+    if mask is not None:
+        _check_rows_tensor("mask", mask, like, like_name, (torch.bool,))
+        active = mask.reshape(-1).contiguous()
+    if labels is None:
+        return None, active
+    _check_rows_tensor("labels", labels, like, like_name, LABEL_DTYPES)
+    flat = labels.reshape(-1).long().contiguous()
+    active = flat != ignore_index if active is None else active & (flat != ignore_index)
+    if check_range:
+        _check_label_range(flat, active, vocab, ignore_index)
+    return flat, active
+
+
+def _check_rows_tensor(name: str, t: Tensor, like: Tensor, like_name: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.shape != like.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(like.shape[:-1])} ({like_name} without the last dim), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def _check_label_range(labels: Tensor, valid: Tensor, vocab: int, ignore_index: int) -> None:
+    # A data-dependent check; skipped while torch.compile traces (it would break the graph).
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {first}")

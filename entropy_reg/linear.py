@@ -51,8 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .checks import as_count, as_scalar
-from .entropy import LOGIT_DTYPES, flat_rows
+from .checks import as_count, as_scalar, check_float_tensor, flat_rows
 from .kernels.torch_chunked import compute_dtype
 from .partials import label_logits, localize, merge_parts, part_backward, part_stats
 from .vocab_parallel import group_layout, merge_over_group
@@ -148,10 +147,7 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        check_float_tensor(t, name)
         if t is not hidden and (t.dtype != hidden.dtype or t.device != hidden.device):
             raise TypeError(f"{name} must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got {t.dtype}, {t.device}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
