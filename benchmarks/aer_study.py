@@ -1,10 +1,13 @@
 """Sensitivity study: fixed entropy coefficients vs AER, across tasks and policy sizes.
 
-    python benchmarks/aer_study.py                      # the full grid (about an hour on 2 cores)
+    python benchmarks/aer_study.py --tune               # the study as published in benchmarks/results
     python benchmarks/aer_study.py --quick --out DIR    # a seconds-long smoke run (the tests use it)
-    python benchmarks/aer_study.py --task addition --task mypkg.tasks:make_task --size small --width 96 --layers 3
+    python benchmarks/aer_study.py --setting mypkg.tasks:make_task small --setting addition large
+    python benchmarks/aer_study.py --task addition --task digitsum --size small --size large  # cross product
+    python benchmarks/aer_study.py --task addition --width 96 --layers 3                     # a custom size
 
-A grid of settings (task x policy size) x arms x seeds. Every run is the demo's
+A grid of settings (task x policy size) x arms x seeds; by default :data:`SETTINGS`.
+Every run is the demo's
 GRPO loop (:mod:`entropy_reg.demo`) from a supervised warm start cached per
 (task, size, seed); every finished run is cached as JSON under a key of its
 full configuration, so a second invocation runs only what is missing, and an
@@ -27,11 +30,13 @@ held-out pass@1 over training (trapezoid over the evaluation steps, divided by
 the steps); late and minimum entropy (moving average over 5% of the run) as a
 fraction of H0; alpha's mean, its mean absolute step-to-step change and its
 coefficient of variation over the second half of the run (chatter). Each
-is reported as the mean over seeds with a 95% Student-t interval.
+is reported as the mean over seeds with a 95% Student-t interval, and for
+pass@1, pass@64 and AUC also as the per-seed difference to the no-entropy arm
+(same warm start and data: the spread between warm starts cancels).
 
 Outputs in ``--out``: ``aer_study.json`` (every run and the summaries),
 ``aer_study.md`` (tables and the goal check) and ``aer_study.png`` (each
-metric against the fixed coefficient, one row per setting, AER as a band).
+metric against the fixed coefficient, one row per setting, each AER arm as a band).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -70,6 +76,7 @@ MAX_K = 64
 FIXED_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 # The sign rule's step (alpha units per step): reaches the grid's 0.1 in 20 steps.
 SIGN_LR = 5e-3
+SIGN_ARM = "sign rule (0.2-nat target)"
 # The demo's GRPO (16 prompts x 8 samples; half that batch barely learns) for 150 steps:
 # sized so the whole grid fits in about an hour on 2 cores.
 GRPO = GRPOConfig(steps=150, eval_every=15, eval_prompts_per_bucket=16, eval_samples=4,
@@ -79,8 +86,9 @@ SEEDS = 5
 QUICK_GRPO = replace(GRPO, steps=3, prompts_per_step=4, group_size=4, eval_every=1, eval_prompts_per_bucket=2,
                      eval_samples=2, final_eval_samples=8, pass_k=tuple(range(1, 9)))
 QUICK_WARM = WarmStartConfig(steps=3, batch_size=16)
-# (task, named size): the first is the tuning setting, the other differs in both task and size.
-SETTINGS = (("addition", "small"), ("digitsum", "large"))
+# (task, named size): the first is the tuning setting; the second differs from it in both task
+# and size, the third in size only.
+SETTINGS = (("addition", "small"), ("digitsum", "large"), ("addition", "large"))
 QUICK_SETTINGS = (("addition", "small"), ("digitsum", "small"))
 # Held-out prompts: one fixed set per task, the same for every seed and arm.
 EVAL_SEED = 1_000_003
@@ -107,7 +115,7 @@ def core_arms(ablations: bool) -> list[ArmSpec]:
         *(ArmSpec(f"fixed {c:g}", "fixed", c) for c in FIXED_GRID),
         ArmSpec("AER", "aer"),
         ArmSpec("AER (log PI)", "aer", aer=AER_LOG_PI),
-        ArmSpec("sign rule (0.2-nat target)", "aer", allocation=False, anchored=False,
+        ArmSpec(SIGN_ARM, "aer", allocation=False, anchored=False,
                 aer={"coef_rule": "sign", "coef_lr": SIGN_LR, "coef_init": 0.0, "coef_min": 0.0, "coef_max": 1.0,
                      "coef_damping": 0.0}),
     ]
@@ -322,9 +330,10 @@ def format_markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) ->
     cols = [("pass@1", "pass@1"), ("pass@kmax", f"pass@{kmax}"), ("auc", "AUC"), ("H_late/H0", "H late/H0"),
             ("H_min/H0", "H min/H0"), ("alpha_mean", "alpha mean"), ("alpha_step", "alpha step"),
             ("alpha_cv_late", "alpha CV late")]
-    lines = ["# AER sensitivity study", "",
+    lines = ["# AER sensitivity study", "", f"`{meta['command']}`", "",
              f"{meta['steps']} GRPO steps per run, {meta['seeds']} seeds, mean ± 95% t-interval over seeds. "
-             f"Machine: {meta['machine']}. Wall time {meta['wall_s']:.0f} s with --jobs {meta['jobs']}.",
+             f"Machine: {meta['machine']}. The runs took {meta['run_wall_s_total']:.0f} s of wall time "
+             f"in all (summed over runs, one torch thread each, as they ran when first computed).",
              "Tuning setting (defaults chosen here): " + meta["tuning_setting"] + "; the others are confirmation.", ""]
     for setting, rows in summary.items():
         lines += [f"## {setting}", "", "| arm | " + " | ".join(c[1] for c in cols)
@@ -367,6 +376,8 @@ def plot(path: Path, summary: dict[str, dict[str, Any]], kmax: int) -> None:
                     ax.axhline(mu, color=color, lw=1.5)
             if "no entropy" in rows:
                 ax.axhline(rows["no entropy"][m][0], color="black", ls="--", lw=1.2, label="no entropy")
+            if SIGN_ARM in rows:
+                ax.axhline(rows[SIGN_ARM][m][0], color="tab:purple", ls=":", lw=1.5, label=SIGN_ARM)
             if m == "H_late/H0":
                 ax.set_yscale("log")
             ax.set(title=f"{setting}: {label}", xlabel="fixed entropy coefficient")
@@ -421,6 +432,14 @@ def _drain(futures: Iterable[Future], on_done: Callable[[Any], None]) -> None:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for f in done:
             on_done(f.result())
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -502,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     order = {(j.setting, j.arm.name, j.seed): i for i, j in enumerate(jobs)}
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
-    meta = {"steps": grpo.steps, "seeds": len(seeds), "jobs": args.jobs, "threads": args.threads,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+    meta = {"command": shlex.join(["python", "benchmarks/aer_study.py", *(sys.argv[1:] if argv is None else argv)]),
+            "steps": grpo.steps, "seeds": len(seeds), "jobs": args.jobs, "threads": args.threads,
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.platform()}",
             "torch": torch.__version__, "tuning_setting": jobs[0].setting, "grpo": asdict(grpo), "warm": asdict(warm),
             "fixed_grid": list(FIXED_GRID), "aer_defaults": AERConfig().to_dict(), "tuning_arms": TUNING_ARMS}
 
@@ -511,7 +531,11 @@ def main(argv: list[str] | None = None) -> int:
         records.sort(key=lambda r: order[(r["setting"], r["arm"], r["seed"])])
         summary = summarize(records)
         meta["wall_s"] = time.perf_counter() - started
-        payload = {"meta": meta, "summary": summary, "runs": records}
+        meta["run_wall_s_total"] = math.fsum(r["wall_s"] for r in records)
+        # Per-run numbers, not per-step histories (those stay in the cache).
+        runs = [{"setting": r["setting"], "arm": r["arm"], "seed": r["seed"], "wall_s": r["wall_s"],
+                 "pass@1_by_bucket": r["final"]["pass@1"], "metrics": run_metrics(r)} for r in records]
+        payload = {"meta": meta, "summary": summary, "runs": runs}
         tmp = out / "aer_study.json.tmp"
         tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
         tmp.replace(out / "aer_study.json")

@@ -150,7 +150,7 @@ def test_quick_study_runs_and_resumes_from_cache(tmp_path: Path, capsys: pytest.
             assert all(0.0 <= p <= 1.0 for p in row["pass@k"])
             assert row["pass@k"] == sorted(row["pass@k"])  # pass@k grows with k
     fixed = [r for r in results["runs"] if r["arm"] == "fixed 0.3"]
-    assert all(set(r["history"]["coef"]) == {0.3} for r in fixed)
+    assert all(r["metrics"]["alpha_mean"] == 0.3 and r["metrics"]["alpha_step"] == 0.0 for r in fixed)
     png = (tmp_path / "aer_study.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] >= 800
     assert "## addition / small" in (tmp_path / "aer_study.md").read_text()
