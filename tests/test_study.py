@@ -115,8 +115,11 @@ def test_load_task_by_name_and_by_module_factory() -> None:
 
 
 def test_bad_arms_and_sizes_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv, text in ((["--arm", "AER", "--arm", "bogus"], "unknown arms ['bogus']"), (["--size", "huge"], "unknown size"),
-                       (["--width", "32"], "--width and --layers go together")):
+    for argv, text in ((["--arm", "AER", "--arm", "bogus"], "unknown arms ['bogus']"),
+                       (["--size", "huge"], "unknown size"),
+                       (["--width", "32"], "--width and --layers go together"),
+                       (["--setting", "addition", "huge"], "--setting: unknown size"),
+                       (["--task", "nope"], "unknown task 'nope'"), (["--lr", "-1"], "--lr")):
         with pytest.raises(SystemExit) as exc:
             aer_study.main(["--quick", *argv])
         assert exc.value.code == 2
