@@ -1,7 +1,8 @@
 """Per-token entropy and log-probs straight from the lm_head input, never holding the logits.
 
 ``linear_token_entropy(hidden, weight)`` equals ``token_entropy(hidden @ weight.T + bias)``
-(and its log-prob variant), with the logits formed one tile at a time:
+(and its log-prob variant), with the logits formed one tile at a time. Shapes: N rows (tokens),
+D the hidden size, V the vocabulary; H is the entropy and T the temperature throughout.
 
     tile = hidden[rows] @ weight[block].T + bias[block]          [rows, V_b], in hidden's dtype
 
@@ -18,18 +19,18 @@ buffer) with the fused kernel fed the full-vocabulary (M, c) and H, and accumula
     grad_bias[block]    += dlogits.sum(0)             (float32)
 
 Loop order: vocabulary blocks outside, row chunks inside, so the float32
-weight-gradient accumulator is one block (V_b x H), not V x H; the
-hidden-gradient accumulator is N x H float32 (for a 16-bit ``hidden``: H / V of
+weight-gradient accumulator is one block (V_b x D), not V x D; the
+hidden-gradient accumulator is N x D float32 (for a 16-bit ``hidden``: D / V of
 the logits' size), the output itself for float32. Extra memory is therefore
 two logits tiles, plus for 16-bit inputs one float32 weight block and that
-accumulator: independent of V and, apart from the N x H accumulator, of the
+accumulator: independent of V and, apart from the N x D accumulator, of the
 number of tokens.
 
 Default tile (``default_tiles``), from a logits budget B of 2**27 elements on
 GPUs (256 MiB in bfloat16) and 2**20 on CPU (4 MiB in float32, cache-sized):
-V_b = min(V, 2**26 / H, B / 256) vocabulary ids (a float32 weight-gradient
+V_b = min(V, 2**26 / D, B / 256) vocabulary ids (a float32 weight-gradient
 block of at most 256 MiB; at least 256 rows per tile, since each tile's GEMM
-reads a whole weight block) and rows = B / V_b. At H = 4096 on a GPU: V_b =
+reads a whole weight block) and rows = B / V_b. At D = 4096 on a GPU: V_b =
 16384 and 8192 rows; on CPU: V_b = 4096 and 256 rows. When one row chunk
 covers every active row, the weight gradient of a block is a single GEMM
 written in weight's dtype (its float32 accumulation happens inside the GEMM)
@@ -63,10 +64,10 @@ _TILE_ELEMS_DEFAULT = 1 << 27  # GPUs: 8192-wide blocks ran the GEMMs ~4% slower
 _MIN_TILE_ROWS = 256
 
 
-def default_tiles(num_rows: int, vocab: int, hidden: int, device: torch.device, chunk_size: int | None) -> tuple[int, int]:
+def default_tiles(num_rows: int, vocab: int, dim: int, device: torch.device, chunk_size: int | None) -> tuple[int, int]:
     """(rows per chunk, vocabulary ids per block) of the logits tile; see the module docstring."""
     budget = _TILE_ELEMS.get(device.type, _TILE_ELEMS_DEFAULT)
-    block = max(1, min(vocab, _WEIGHT_BLOCK_BYTES // (4 * hidden), budget // _MIN_TILE_ROWS))
+    block = max(1, min(vocab, _WEIGHT_BLOCK_BYTES // (4 * dim), budget // _MIN_TILE_ROWS))
     rows = chunk_size if chunk_size is not None else budget // block
     return max(1, min(rows, num_rows)), block
 
@@ -87,16 +88,16 @@ def linear_token_entropy(
     """Entropy H (nats) of softmax((hidden @ weight.T + bias) / T) per row, or (log p_y, H) with labels.
 
     Args:
-        hidden: ``[..., H]`` float32, bfloat16 or float16 (the lm_head input); float64
+        hidden: ``[..., D]`` float32, bfloat16 or float16 (the lm_head input); float64
             computes and returns float64 (for gradcheck and references).
-        weight: ``[V, H]`` same dtype and device (``nn.Linear`` layout).
+        weight: ``[V, D]`` same dtype and device (``nn.Linear`` layout).
         labels: optional ``[...]`` integer vocabulary ids; ``ignore_index`` rows
             behave as masked rows for both outputs.
         temperature: T > 0; gradients include the 1/T factor.
         mask: optional bool ``[...]``; False rows cost nothing, give 0 and get
             gradient 0.
         bias: optional ``[V]``, same dtype; -inf entries are legal.
-        chunk_size: rows per tile (default from V and H, see ``default_tiles``);
+        chunk_size: rows per tile (default from V and D, see ``default_tiles``);
             extra memory grows with it, speed up to the point GEMMs saturate.
         backend: entropy kernel: "torch", "triton" or "auto", as ``token_entropy``.
         process_group: vocabulary parallelism: ``weight`` (and ``bias``) are this
@@ -126,12 +127,12 @@ def linear_token_entropy(
     # Always range-checked: one host sync is small beside the GEMMs, and tiles index labels directly.
     flat_labels, active = flat_rows(labels, mask, hidden, "hidden", weight.shape[0] * world, ignore_index, True)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    rows, block = default_tiles(h2.shape[0], weight.shape[0], h2.shape[1], hidden.device, chunk_size)
-    args = (h2, weight, bias, flat_labels, active, inv_temp, backend, rows, block)
+    chunk, block = default_tiles(h2.shape[0], weight.shape[0], h2.shape[1], hidden.device, chunk_size)
     if process_group is None:
-        logp, entropy, _ = linear_logprobs_entropy(*args)
+        logp, entropy, _ = linear_logprobs_entropy(h2, weight, bias, flat_labels, active, inv_temp, backend, chunk, block)
     else:
-        logp, entropy = _ShardedLinear.apply(*args, process_group)
+        rows = kernels.Rows(flat_labels, active, inv_temp)
+        logp, entropy = _ShardedLinear.apply(h2, weight, bias, rows, backend, (chunk, block), process_group)
     return (logp.view(lead), entropy.view(lead)) if labels is not None else entropy.view(lead)
 
 
@@ -151,7 +152,7 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if t is not hidden and (t.dtype != hidden.dtype or t.device != hidden.device):
             raise TypeError(f"{name} must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got {t.dtype}, {t.device}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with V > 0 and H = hidden.shape[-1]; got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(f"weight must be [V, D] with V > 0 and D = hidden.shape[-1]; got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
@@ -180,15 +181,17 @@ def _forward(
     h2: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    labels: Tensor | None,
-    active: Tensor | None,
-    inv_temp: float,
+    rows: kernels.Rows,
     backend: str,
-    rows: int,
-    block: int,
+    tiles: tuple[int, int],
     group: dist.ProcessGroup | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp[n] or empty, H[n], stats[2, n]) of the full vocabulary (all ranks' shards when grouped)."""
+    """(logp[n] or empty, H[n], stats[2, n]) of the full vocabulary (all ranks' shards when grouped).
+
+    ``tiles`` is (rows per chunk, vocabulary ids per block) of the logits tile.
+    """
+    labels, active, inv_temp = rows.labels, rows.active, rows.inv_temp
+    chunk, block = tiles
     n, vocab = h2.shape[0], weight.shape[0]
     offset = group_layout(group)[0] * vocab if group is not None else 0
     acc = dict(dtype=compute_dtype(h2), device=h2.device)
@@ -197,7 +200,7 @@ def _forward(
     ent_parts = torch.zeros(n_blocks, n, **acc)
     x_y = torch.zeros(n, **acc) if labels is not None else None
     owned = torch.zeros(n, dtype=torch.bool, device=h2.device) if labels is not None else None
-    chunks = _row_chunks(h2, active, rows)
+    chunks = _row_chunks(h2, active, chunk)
     for bi, v0, _, r, tile in _tiles(h2, weight, bias, chunks, block):
         x3 = tile.unsqueeze(0)
         stats_parts[bi, :, r], ent_parts[bi, r] = part_stats(backend, x3, None, inv_temp, may_be_empty=bias is not None)
@@ -249,68 +252,83 @@ def _add_product(dst: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -> 
         dst += torch.mm(a, b)
 
 
+class _InputGrads:
+    """The gradients of hidden, weight and bias, accumulated tile by tile (see the module docstring).
+
+    A distinct empty tensor stands for each gradient not needed (custom-op outputs may not alias).
+    """
+
+    def __init__(self, h2: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool], n_chunks: int, block: int):
+        self.h2, self.weight, self.bias, self.n_chunks = h2, weight, bias, n_chunks
+        self.need_h, self.need_w, self.need_b = needs
+        acc = dict(dtype=compute_dtype(h2), device=h2.device)  # float32 sums (float64 for float64 inputs)
+        self.g_h = torch.zeros(h2.shape[0], h2.shape[1], **acc) if self.need_h else h2.new_empty(0)
+        self.g_w = (torch.empty_like(weight) if n_chunks else torch.zeros_like(weight)) if self.need_w else h2.new_empty(0)
+        self.g_b = torch.zeros(weight.shape[0], **acc) if self.need_b else h2.new_empty(0)
+        # 16-bit weight and several row chunks: the block's gradient sums in float32 before its one cast.
+        self.w_block = None
+        if self.need_w and n_chunks > 1 and weight.dtype.itemsize == 2:
+            self.w_block = torch.empty(min(block, weight.shape[0]), h2.shape[1], **acc)
+
+    def add(self, d: Tensor, r: Tensor | slice, v0: int, ci: int) -> None:
+        """Add the contribution of dL/dlogits ``d`` of the tile (rows ``r``, ids from ``v0``, chunk ``ci``)."""
+        v1 = v0 + d.shape[1]
+        if self.need_h:
+            if isinstance(r, slice):
+                _add_product(self.g_h[r], d, self.weight[v0:v1])
+            else:
+                self.g_h.index_add_(0, r, torch.mm(d, self.weight[v0:v1]).to(self.g_h.dtype))
+        if self.need_b:
+            self.g_b[v0:v1] += d.sum(0, dtype=self.g_b.dtype)
+        if self.need_w:
+            dst = self.g_w[v0:v1] if self.w_block is None else self.w_block[: v1 - v0]
+            _add_product(dst, d.t(), self.h2[r], overwrite=ci == 0)
+            if self.w_block is not None and ci == self.n_chunks - 1:
+                self.g_w[v0:v1] = dst
+
+    def result(self, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.need_h and group is not None:
+            dist.all_reduce(self.g_h, op=dist.ReduceOp.SUM, group=group)
+        g_b = self.g_b.to(self.bias.dtype) if self.need_b else self.g_b
+        return self.g_h.to(self.h2.dtype), self.g_w, g_b
+
+
 def _backward(
     h2: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    labels: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
+    rows: kernels.Rows,
+    up: kernels.Upstream,
     backend: str,
-    rows: int,
-    block: int,
+    tiles: tuple[int, int],
     needs: tuple[bool, bool, bool],
     group: dist.ProcessGroup | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden2, grad_weight, grad_bias), an empty tensor for each gradient not in ``needs``."""
-    need_h, need_w, need_b = needs
-    n, vocab = h2.shape[0], weight.shape[0]
-    offset = group_layout(group)[0] * vocab if group is not None else 0
-    if labels is None:
-        grad_logp = None
-    f32 = dict(dtype=compute_dtype(h2), device=h2.device)  # accumulators: float64 for float64 inputs
-    # a distinct empty tensor per unneeded gradient: custom-op outputs may not alias
-    g_h = torch.zeros(n, h2.shape[1], **f32) if need_h else h2.new_empty(0)
-    chunks = _row_chunks(h2, active, rows)
-    g_w = (torch.empty_like(weight) if chunks else torch.zeros_like(weight)) if need_w else h2.new_empty(0)
-    g_b = torch.zeros(vocab, **f32) if need_b else h2.new_empty(0)
-    # 16-bit weight and several row chunks: the block's gradient sums in float32 before its one cast.
-    acc = None
-    if need_w and len(chunks) > 1 and weight.dtype.itemsize == 2:
-        acc = torch.empty(min(block, vocab), h2.shape[1], **f32)
+    chunk, block = tiles
+    offset = group_layout(group)[0] * weight.shape[0] if group is not None else 0
+    chunks = _row_chunks(h2, rows.active, chunk)
+    grads = _InputGrads(h2, weight, bias, needs, len(chunks), block)
+    with_labels = rows.labels is not None and up.grad_logp is not None
     # dL/dlogits goes to its own buffer, not over the tile: the kernel's tuned out-of-place form
     scratch = None
-    for bi, v0, ci, r, tile in _tiles(h2, weight, bias, chunks, block):
-        v1 = v0 + tile.shape[1]
+    for _, v0, ci, r, tile in _tiles(h2, weight, bias, chunks, block):
         if scratch is None:
             scratch = torch.empty(tile.numel(), dtype=tile.dtype, device=tile.device)  # the first tile is the largest
         d = scratch[: tile.numel()].view(tile.shape)
         local = own = None
-        if grad_logp is not None:
-            local, own = localize(labels[r], offset + v0, tile.shape[1], None)
-        g_lp = grad_logp[r] if grad_logp is not None else None
-        g_ent = grad_entropy[r] if grad_entropy is not None else None
-        part_backward(backend, tile.unsqueeze(0), local, own, None, stats[:, r], entropy[r], g_lp, g_ent, inv_temp, d.unsqueeze(0))
+        if with_labels:
+            local, own = localize(rows.labels[r], offset + v0, tile.shape[1], None)
+        tile_up = kernels.Upstream(
+            up.stats[:, r],
+            up.entropy[r],
+            up.grad_logp[r] if with_labels else None,
+            up.grad_entropy[r] if up.grad_entropy is not None else None,
+        )
+        part_backward(backend, tile.unsqueeze(0), kernels.Rows(local, None, rows.inv_temp), own, tile_up, d.unsqueeze(0))
         del tile
-        if need_h:
-            if isinstance(r, slice):
-                _add_product(g_h[r], d, weight[v0:v1])
-            else:
-                g_h.index_add_(0, r, torch.mm(d, weight[v0:v1]).to(g_h.dtype))
-        if need_b:
-            g_b[v0:v1] += d.sum(0, dtype=g_b.dtype)
-        if need_w:
-            dst = g_w[v0:v1] if acc is None else acc[: v1 - v0]
-            _add_product(dst, d.t(), h2[r], overwrite=ci == 0)
-            if acc is not None and ci == len(chunks) - 1:
-                g_w[v0:v1] = dst
-    if need_h and group is not None:
-        dist.all_reduce(g_h, op=dist.ReduceOp.SUM, group=group)
-    return g_h.to(h2.dtype), g_w, (g_b.to(bias.dtype) if need_b else g_b)
+        grads.add(d, r, v0, ci)
+    return grads.result(group)
 
 
 @torch.library.custom_op("entropy_reg::linear_logprobs_entropy", mutates_args=())
@@ -322,16 +340,16 @@ def linear_logprobs_entropy(
     active: Tensor | None,
     inv_temp: float,
     backend: str,
-    rows: int,
+    chunk: int,
     block: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs[n] or empty when labels is None, entropy[n], stats[2, n]) from hidden[n, H], weight[V, H]."""
+    """(logprobs[n] or empty when labels is None, entropy[n], stats[2, n]) from hidden[n, D], weight[V, D]."""
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs' dtypes are the compute dtypes
-        return _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, None)
+        return _forward(hidden, weight, bias, kernels.Rows(labels, active, inv_temp), backend, (chunk, block), None)
 
 
 @linear_logprobs_entropy.register_fake
-def _(hidden, weight, bias, labels, active, inv_temp, backend, rows, block):
+def _(hidden, weight, bias, labels, active, inv_temp, backend, chunk, block):
     n = hidden.shape[0]
     acc = compute_dtype(hidden)
     return hidden.new_empty(n if labels is not None else 0, dtype=acc), hidden.new_empty(n, dtype=acc), hidden.new_empty(2, n, dtype=acc)
@@ -350,20 +368,22 @@ def linear_logprobs_entropy_backward(
     grad_entropy: Tensor | None,
     inv_temp: float,
     backend: str,
-    rows: int,
+    chunk: int,
     block: int,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias); an empty tensor for each one not needed."""
+    rows = kernels.Rows(labels, active, inv_temp)
+    up = kernels.Upstream(stats, entropy, grad_logp, grad_entropy)
     needs = (need_hidden, need_weight, need_bias)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, needs, None)
+        return _backward(hidden, weight, bias, rows, up, backend, (chunk, block), needs, None)
 
 
 @linear_logprobs_entropy_backward.register_fake
-def _(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, rows, block, need_hidden, need_weight, need_bias):
+def _(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, chunk, block, need_hidden, need_weight, need_bias):
     def like(t: Tensor | None, need: bool) -> Tensor:
         return torch.empty_like(t) if need else hidden.new_empty(0)
 
@@ -374,17 +394,18 @@ def _needs(ctx: torch.autograd.function.FunctionCtx, bias: Tensor | None) -> tup
     return ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
 
 
-def _grads(ctx: torch.autograd.function.FunctionCtx, g_h: Tensor, g_w: Tensor, g_b: Tensor) -> tuple[Tensor | None, ...]:
-    need_h, need_w, need_b = ctx.needs
-    return (g_h if need_h else None, g_w if need_w else None, g_b if need_b else None) + (None,) * 7
+def _input_grads(ctx: torch.autograd.function.FunctionCtx, grads: tuple[Tensor, Tensor, Tensor], n_inputs: int) -> tuple[Tensor | None, ...]:
+    """The gradients of (hidden, weight, bias) where needed, then None for the other n_inputs - 3 inputs."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs)) + (None,) * (n_inputs - 3)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, active, inv_temp, backend, rows, block = inputs
+    hidden, weight, bias, labels, active, inv_temp, backend, chunk, block = inputs
     _, entropy, stats = output
     ctx.save_for_backward(hidden, weight, bias, labels, active, stats, entropy)
-    ctx.args = (inv_temp, backend, rows, block)
+    ctx.args = (inv_temp, backend, chunk, block)
     ctx.needs = _needs(ctx, bias)
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(stats)
 
 
@@ -393,7 +414,7 @@ def _op_backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None, _gr
     grads = linear_logprobs_entropy_backward(
         hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, *ctx.args, *ctx.needs
     )
-    return _grads(ctx, *grads)[:9]
+    return _input_grads(ctx, grads, ctx.n_inputs)
 
 
 torch.library.register_autograd("entropy_reg::linear_logprobs_entropy", _op_backward, setup_context=_setup_context)
@@ -403,19 +424,22 @@ class _ShardedLinear(torch.autograd.Function):
     """Vocabulary-parallel autograd (collectives in Python, so not a custom op)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group):
+    def forward(ctx, *inputs):
+        hidden, weight, bias, rows, backend, tiles, group = inputs  # rows: kernels.Rows, tiles: (chunk, block)
         with torch.autocast(hidden.device.type, enabled=False):
-            logp, entropy, stats = _forward(hidden, weight, bias, labels, active, inv_temp, backend, rows, block, group)
-        ctx.save_for_backward(hidden, weight, bias, labels, active, stats, entropy)
-        ctx.args = (inv_temp, backend, rows, block)
+            logp, entropy, stats = _forward(hidden, weight, bias, rows, backend, tiles, group)
+        ctx.save_for_backward(hidden, weight, bias, rows.labels, rows.active, stats, entropy)
+        ctx.inv_temp, ctx.backend, ctx.tiles, ctx.group = rows.inv_temp, backend, tiles, group
         ctx.needs = _needs(ctx, bias)
-        ctx.group = group
+        ctx.n_inputs = len(inputs)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, active, stats, entropy = ctx.saved_tensors
+        rows = kernels.Rows(labels, active, ctx.inv_temp)
+        up = kernels.Upstream(stats, entropy, grad_logp, grad_entropy)
         with torch.autocast(hidden.device.type, enabled=False):
-            grads = _backward(hidden, weight, bias, labels, active, stats, entropy, grad_logp, grad_entropy, *ctx.args, ctx.needs, ctx.group)
-        return _grads(ctx, *grads)
+            grads = _backward(hidden, weight, bias, rows, up, ctx.backend, ctx.tiles, ctx.needs, ctx.group)
+        return _input_grads(ctx, grads, ctx.n_inputs)

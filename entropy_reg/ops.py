@@ -31,7 +31,7 @@ def logprobs_entropy(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs[n] or empty when labels is None, entropy[n], stats[2, n] = (row max m, c))."""
     with _no_autocast(x3):
-        return kernels.load(backend).forward(x3, labels, active, inv_temp)
+        return kernels.load(backend).forward(x3, kernels.Rows(labels, active, inv_temp))
 
 
 @logprobs_entropy.register_fake
@@ -39,6 +39,13 @@ def _(x3, labels, active, inv_temp, backend, inplace_backward):
     n = x3.shape[0] * x3.shape[1]
     acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
     return x3.new_empty(n if labels is not None else 0, dtype=acc), x3.new_empty(n, dtype=acc), x3.new_empty(2, n, dtype=acc)
+
+
+def _run_backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, out) -> None:
+    # The two backward ops' body; their schemas stay flat (custom ops take no dataclasses).
+    rows = kernels.Rows(labels, active, inv_temp)
+    with _no_autocast(x3):
+        kernels.load(backend).backward(x3, rows, kernels.Upstream(stats, entropy, grad_logp, grad_entropy), out)
 
 
 @torch.library.custom_op("entropy_reg::logprobs_entropy_backward", mutates_args=())
@@ -55,8 +62,7 @@ def logprobs_entropy_backward(
 ) -> Tensor:
     """dL/dx3 as a new contiguous tensor of x3's shape and dtype."""
     out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-    with _no_autocast(x3):
-        kernels.load(backend).backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, out)
+    _run_backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, out)
     return out
 
 
@@ -78,8 +84,7 @@ def logprobs_entropy_backward_(
     backend: str,
 ) -> None:
     """dL/dx3 written over x3 itself (the logits are destroyed)."""
-    with _no_autocast(x3):
-        kernels.load(backend).backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, x3)
+    _run_backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, x3)
 
 
 @logprobs_entropy_backward_.register_fake

@@ -30,6 +30,8 @@ device) and by ``entropy_reg.vocab_parallel`` (shards across ranks) alike.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -61,7 +63,7 @@ def part_stats(
     rows the kernel returned as non-finite are re-read; ``may_be_empty=False``
     (no -inf can occur) skips that check and its device synchronization.
     """
-    _, entropy, stats = kernels.load(backend).forward(x3, None, active, inv_temp)
+    _, entropy, stats = kernels.load(backend).forward(x3, kernels.Rows(None, active, inv_temp))
     if not may_be_empty:
         return stats, entropy
     suspect = (~(stats[1].isfinite() & entropy.isfinite())).nonzero().squeeze(1)
@@ -108,40 +110,31 @@ def merge_parts(stats_parts: Tensor, entropy_parts: Tensor, inv_temp: float) -> 
     return finish_merge(m, *(t.sum(0) for t in merge_terms(stats_parts, entropy_parts, m, inv_temp)))
 
 
-def part_backward(
-    backend: str,
-    x3: Tensor,
-    local: Tensor | None,
-    owned: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
-    out: Tensor,
-) -> None:
+def part_backward(backend: str, x3: Tensor, rows: kernels.Rows, owned: Tensor | None, up: kernels.Upstream, out: Tensor) -> None:
     """Write one part's dL/dx into ``out`` (may be x3 itself) from the full-vocabulary (M, c) and H.
 
-    The kernel's backward adds g_lp at the row's label column; rows whose label
-    lies in another part were given column 0, so that element is recomputed here
-    from the formula without the indicator (O(rows) work, read before ``out``
-    is written, in case it aliases x3):
+    ``rows.labels`` are this part's local ids (:func:`localize`), ``owned`` says
+    which rows' labels lie in this part, ``up.stats`` and ``up.entropy`` are the
+    full vocabulary's. The kernel's backward adds g_lp at the row's label column;
+    rows whose label lies in another part were given column 0, so that element is
+    recomputed here from the formula without the indicator (O(rows) work, read
+    before ``out`` is written, in case it aliases x3):
 
         dL/dx_0 = -(1/T) p_0 (g_H (log p_0 + H) + g_lp),   log p_0 = (x_0 - M) / T - c
     """
     be = kernels.load(backend)
-    if local is None or grad_logp is None:
-        be.backward(x3, None, active, stats, entropy, None, grad_entropy, inv_temp, out)
+    if rows.labels is None or up.grad_logp is None:
+        be.backward(x3, kernels.Rows(None, rows.active, rows.inv_temp), replace(up, grad_logp=None), out)
         return
     b, t, _ = x3.shape
-    foreign = (~owned if active is None else active & ~owned).view(b, t)
+    stats, inv_temp = up.stats, rows.inv_temp
+    foreign = (~owned if rows.active is None else rows.active & ~owned).view(b, t)
     # Dense over rows (no nonzero, so no device sync); other rows keep the kernel's value.
     x0 = x3[:, :, 0].to(stats.dtype)
     log_p0 = ((x0 - stats[0].view(b, t)) * inv_temp - stats[1].view(b, t)).clamp(min=LOG_FLOOR)
-    be.backward(x3, local, active, stats, entropy, grad_logp, grad_entropy, inv_temp, out)
-    coef = grad_logp.to(stats.dtype).view(b, t)
-    if grad_entropy is not None:
-        coef = coef + grad_entropy.to(stats.dtype).view(b, t) * (log_p0 + entropy.view(b, t))
+    be.backward(x3, rows, up, out)
+    coef = up.grad_logp.to(stats.dtype).view(b, t)
+    if up.grad_entropy is not None:
+        coef = coef + up.grad_entropy.to(stats.dtype).view(b, t) * (log_p0 + up.entropy.view(b, t))
     col = out[:, :, 0]
     col.copy_(torch.where(foreign, (-inv_temp * log_p0.exp() * coef).to(out.dtype), col))

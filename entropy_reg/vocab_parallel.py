@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import kernels
 from .partials import finish_merge, label_logits, localize, merge_terms, part_backward, part_stats
 
 
@@ -87,9 +88,8 @@ class _ShardedLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         x3, local, owned, active, stats, entropy = ctx.saved_tensors
         out = x3 if ctx.inplace else torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-        part_backward(
-            ctx.backend, x3, local, owned, active, stats, entropy, grad_logp, grad_entropy, ctx.inv_temp, out
-        )
+        rows = kernels.Rows(local, active, ctx.inv_temp)
+        part_backward(ctx.backend, x3, rows, owned, kernels.Upstream(stats, entropy, grad_logp, grad_entropy), out)
         return out, None, None, None, None, None, None
 
 

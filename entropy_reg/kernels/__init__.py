@@ -1,26 +1,53 @@
 """Backends of the entropy / log-prob op. Each exposes the same two functions:
 
-    forward(x3, labels, active, inv_temp) -> (logprobs[n] or empty, entropy[n], stats[2, n])
-    backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, out) -> None
+    forward(x3, rows: Rows) -> (logprobs[n] or empty, entropy[n], stats[2, n])
+    backward(x3, rows: Rows, up: Upstream, out) -> None
 
 ``stats[0]`` is each row's raw maximum m = max_j x_j and ``stats[1]`` is
 c = ln sum_j exp((x_j - m) / T), so log p_j = (x_j - m) / T - c (nats); the
 outputs and stats are float32 (the torch backend: float64 for float64 logits).
 
 ``x3`` is the logits as a [b, t, V] strided view (last dim contiguous, n = b*t
-rows), ``labels``/``active`` are flat [n] tensors or None, ``out`` receives the
-gradient with respect to x3 (it may be x3 itself for the in-place backward).
+rows), :class:`Rows` holds the per-row inputs, :class:`Upstream` what the
+backward needs per row, and ``out`` receives the gradient with respect to x3
+(it may be x3 itself for the in-place backward).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The per-row inputs of a backend call besides the logits (n rows).
+
+    labels: int64 [n] vocabulary ids, contiguous, or None (entropy only).
+    active: bool [n], contiguous, or None (every row); inactive rows are never read.
+    inv_temp: 1 / T.
+    """
+
+    labels: Tensor | None
+    active: Tensor | None
+    inv_temp: float
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What a backward needs per row: the forward's stats [2, n] and entropy [n], and the outputs' gradients [n]."""
+
+    stats: Tensor
+    entropy: Tensor
+    grad_logp: Tensor | None
+    grad_entropy: Tensor | None
 
 
 def triton_available() -> bool:

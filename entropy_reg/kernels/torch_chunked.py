@@ -43,6 +43,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from . import Rows, Upstream
+
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 # exp(-1100) and 2**-1100 are exactly 0 in float32 and float64 (the smallest subnormals are
@@ -107,10 +109,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def forward(
-    x3: Tensor, labels: Tensor | None, active: Tensor | None, inv_temp: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def forward(x3: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
     """Return (logprobs[n] or empty, entropy[n], stats[2, n] = (m, c)); inactive rows give 0."""
+    labels, active, inv_temp = rows.labels, rows.active, rows.inv_temp
     b, t, v = x3.shape
     n = b * t
     acc = dict(device=x3.device, dtype=compute_dtype(x3))
@@ -121,7 +122,7 @@ def forward(
     d_buf = torch.empty(step, v, **acc)
     e_buf = torch.empty(step, v, **acc)
     scale = inv_temp * LOG2E
-    for rows, xc in _row_blocks(x3, active):
+    for sel, xc in _row_blocks(x3, active):
         r = xc.shape[0]
         d, e = d_buf[:r], e_buf[:r]
         m, at_max = xc.max(-1, keepdim=True)
@@ -130,33 +131,25 @@ def forward(
         d.mul_(scale).clamp_(min=LOG_FLOOR)
         torch.exp2(d, out=e)
         e.scatter_(1, at_max, 0.0)  # the max's 1 (its d is 0, so u is unchanged)
-        r = e.sum(-1)
-        c = r.log1p()
-        entropy[rows] = c - LN2 * torch.linalg.vecdot(e, d) / (1.0 + r)
-        stats[0, rows] = m.squeeze(1)
-        stats[1, rows] = c
+        rest = e.sum(-1)
+        c = rest.log1p()
+        entropy[sel] = c - LN2 * torch.linalg.vecdot(e, d) / (1.0 + rest)
+        stats[0, sel] = m.squeeze(1)
+        stats[1, sel] = c
         if labels is not None:
-            y = labels[rows].unsqueeze(1)
-            logp[rows] = (xc.gather(1, y).to(d.dtype) - m).squeeze(1) * inv_temp - c
+            y = labels[sel].unsqueeze(1)
+            logp[sel] = (xc.gather(1, y).to(d.dtype) - m).squeeze(1) * inv_temp - c
     return logp, entropy, stats
 
 
-def backward(
-    x3: Tensor,
-    labels: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
-    out: Tensor,
-) -> None:
+def backward(x3: Tensor, rows: Rows, up: Upstream, out: Tensor) -> None:
     """Write dL/dx into ``out`` (shape of x3, logits dtype); inactive rows get 0.
 
     ``out`` may be x3 itself (in-place backward): each chunk is read completely
     before its gradient is written over it.
     """
+    labels, active, inv_temp = rows.labels, rows.active, rows.inv_temp
+    stats, entropy, grad_logp, grad_entropy = up.stats, up.entropy, up.grad_logp, up.grad_entropy
     b, t, v = x3.shape
     n = b * t
     acc = dict(device=x3.device, dtype=compute_dtype(x3))
@@ -168,22 +161,22 @@ def backward(
     step = chunk_rows(n, v, x3.device)
     lp_buf = torch.empty(step, v, **acc)
     p_buf = torch.empty(step, v, **acc)
-    for rows, xc in _row_blocks(x3, active):
+    for sel, xc in _row_blocks(x3, active):
         r = xc.shape[0]
         lp, p = lp_buf[:r], p_buf[:r]
-        gh = g_h[rows].unsqueeze(1)
-        h = entropy[rows].unsqueeze(1)
+        gh = g_h[sel].unsqueeze(1)
+        h = entropy[sel].unsqueeze(1)
         # log p = (x - m) / T - c, exact near the max (see the module docstring)
-        torch.sub(xc, stats[0, rows].unsqueeze(1), out=lp)
-        lp.mul_(inv_temp).sub_(stats[1, rows].unsqueeze(1)).clamp_(min=LOG_FLOOR)
+        torch.sub(xc, stats[0, sel].unsqueeze(1), out=lp)
+        lp.mul_(inv_temp).sub_(stats[1, sel].unsqueeze(1)).clamp_(min=LOG_FLOOR)
         torch.mul(lp, LOG2E, out=p)
         p.exp2_()
         # coefficient of -p_j: g_H * (log p_j + H) + g_lp
         offset = gh * h
         if g_lp is not None:
-            glp = g_lp[rows].unsqueeze(1)
+            glp = g_lp[sel].unsqueeze(1)
             offset = offset + glp
-            y = labels[rows].unsqueeze(1)
+            y = labels[sel].unsqueeze(1)
             lp_y = lp.gather(1, y)
             # at the label: g_lp (1 - p_y) - g_H p_y (log p_y + H), with 1 - p_y = -expm1(log p_y)
             at_y = -glp * torch.expm1(lp_y) - gh * p.gather(1, y) * (lp_y + h)
@@ -192,4 +185,4 @@ def backward(
         if g_lp is not None:
             lp.scatter_(1, y, at_y)
         lp.mul_(inv_temp)
-        _write_rows(out, rows, lp)
+        _write_rows(out, sel, lp)

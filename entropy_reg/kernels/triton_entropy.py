@@ -5,7 +5,7 @@ reads each row of logits once, with an online max/rescale; the backward reads
 it once more and writes the gradient once (or over the logits, in place).
 
 Rows are read through two leading strides (``x[b, t, :]`` at ``b*stride_b +
-t*stride_t``, int64), so slices of a [B, T, V] tensor need no copy. When there
+t*stride_t``, int64), so slices of a [B, S, V] tensor need no copy. When there
 are too few rows to fill the GPU, each row's vocabulary is split across
 programs and the partial sums are merged by a second, tiny kernel.
 
@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from . import Rows, Upstream
 
 # Globals read inside kernels must be tl.constexpr instances. (Keep a tensor on the left of any
 # arithmetic with them: the CPU interpreter mishandles `constexpr * tensor`.)
@@ -88,18 +90,26 @@ def _zero_row(row, logp_ptr, ent_ptr, m_ptr, c_ptr, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
-def _row_base(x_ptr, row, T, stride_b, stride_t):
-    return x_ptr + (row // T) * stride_b + (row % T) * stride_t
+def _row_base(x_ptr, row, n_t, stride_b, stride_t):
+    # Row `row` of a [b, n_t, V] view sits at (row // n_t) stride_b + (row % n_t) stride_t.
+    return x_ptr + (row // n_t) * stride_b + (row % n_t) * stride_t
 
 
 @triton.autotune(configs=_configs(), key=["V", "num_splits"])
 @triton.jit
 def _fwd_kernel(
     x_ptr, labels_ptr, active_ptr, part_ptr, logp_ptr, ent_ptr, m_ptr, c_ptr,
-    T, stride_b, stride_t, V, scale, inv_temp, num_splits,
+    n_t, stride_b, stride_t, V, scale, inv_temp, num_splits,
     HAS_ACTIVE: tl.constexpr, HAS_LABELS: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # One program: row `pid0`, vocabulary slice `pid1` of `num_splits`; scale = log2(e) / T.
+    # Parameters (T below is the temperature):
+    #   x_ptr        logits [b, n_t, V], last stride 1, rows at (stride_b, stride_t) (int64 offsets)
+    #   labels_ptr   int64 [n] label ids (read only when HAS_LABELS; any float tensor otherwise)
+    #   active_ptr   bool [n] rows to compute (read only when HAS_ACTIVE)
+    #   part_ptr     float32 [n, num_splits, 3] partial (m, r, u) when not FINAL
+    #   logp_ptr, ent_ptr, m_ptr, c_ptr   float32 [n] outputs: log p_y, H, the row max m, c = ln s
+    #   V, scale = log2(e) / T, inv_temp = 1 / T, num_splits = vocabulary slices per row
+    # One program: row `pid0`, vocabulary slice `pid1` of `num_splits`.
     # Online over blocks, with the running max m of the raw logits, s = top + r (see _finish_row):
     #   m' = max(m, max_block x)     delta = (m - m') scale     a = 2^delta     d_j = (x_j - m') scale
     #   u' = a (u + delta s) + sum 2^d_j d_j
@@ -113,7 +123,7 @@ def _fwd_kernel(
     is_active = True
     if HAS_ACTIVE:
         is_active = tl.load(active_ptr + row) != 0
-    x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
+    x_base = _row_base(x_ptr, row, n_t, stride_b, stride_t)
     if is_active:
         chunk = tl.cdiv(tl.cdiv(V, num_splits), BLOCK) * BLOCK
         start = split * chunk
@@ -157,9 +167,10 @@ def _fwd_kernel(
 @triton.jit
 def _merge_kernel(
     x_ptr, labels_ptr, active_ptr, part_ptr, logp_ptr, ent_ptr, m_ptr, c_ptr,
-    T, stride_b, stride_t, V, scale, inv_temp, num_splits,
+    n_t, stride_b, stride_t, V, scale, inv_temp, num_splits,
     HAS_ACTIVE: tl.constexpr, HAS_LABELS: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    # Parameters as _fwd_kernel's; SPLITS = num_splits rounded up to a power of two.
     # Merge the slices' (m_k, r_k, u_k) of one row (m_k = -inf: the slice has no max, r_k = u_k = 0):
     #   M = max m_k,  delta_k = (m_k - M) scale,  a_k = 2^delta_k,  s_k = 1 + r_k
     #   r = sum_{m_k = M} r_k + sum_{m_k < M} a_k s_k + n_M - 1      (n_M slices hold the max)
@@ -182,7 +193,7 @@ def _merge_kernel(
         tied = valid & (m_k == m)
         r = tl.sum(tl.where(tied, r_k, a + a * r_k), 0) + tl.sum(tied.to(tl.float32), 0) - 1.0
         u = tl.sum(tl.where(valid, a * (u_k + delta * (1.0 + r_k)), 0.0), 0)
-        x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
+        x_base = _row_base(x_ptr, row, n_t, stride_b, stride_t)
         _finish_row(m, tl.full([], 1.0, tl.float32), r, u, x_base, labels_ptr, V, inv_temp, row, logp_ptr, ent_ptr, m_ptr, c_ptr, HAS_LABELS)
     else:
         _zero_row(row, logp_ptr, ent_ptr, m_ptr, c_ptr, HAS_LABELS)
@@ -201,9 +212,16 @@ def _expm1(x):
 @triton.jit
 def _bwd_body(
     x_ptr, out_ptr, labels_ptr, active_ptr, m_ptr, c_ptr, ent_ptr, glp_ptr, gh_ptr,
-    T, stride_b, stride_t, out_stride_b, out_stride_t, V, inv_temp, num_splits,
+    n_t, stride_b, stride_t, out_stride_b, out_stride_t, V, inv_temp, num_splits,
     HAS_ACTIVE: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # Parameters (T below is the temperature):
+    #   x_ptr, out_ptr   logits and gradient [b, n_t, V] (out_ptr may be x_ptr), rows at their strides
+    #   labels_ptr       int64 [n] label ids (read only when HAS_GLP)
+    #   active_ptr       bool [n] rows to compute (when HAS_ACTIVE); other rows get gradient 0
+    #   m_ptr, c_ptr, ent_ptr   float32 [n] the forward's row max m, c = ln s, and H
+    #   glp_ptr, gh_ptr  float32 [n] upstream gradients of log p_y and H (when HAS_GLP / HAS_GH)
+    #   V, inv_temp = 1 / T, num_splits = vocabulary slices per row (program axis 1)
     # Per element, with log p_j = (x_j - m) / T - c and p_j = 2^(log p_j * log2 e):
     #   dL/dx_j = (1/T) * ( -p_j * (g_H * (log p_j + H) + g_lp) + g_lp * 1[j = y] )
     # At the label, g_lp (1 - p_y) is formed as -g_lp expm1(log p_y), exact when p_y is near 1.
@@ -215,8 +233,8 @@ def _bwd_body(
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     offs = tl.arange(0, BLOCK)
-    x_base = _row_base(x_ptr, row, T, stride_b, stride_t)
-    o_base = _row_base(out_ptr, row, T, out_stride_b, out_stride_t)
+    x_base = _row_base(x_ptr, row, n_t, stride_b, stride_t)
+    o_base = _row_base(out_ptr, row, n_t, out_stride_b, out_stride_t)
     is_active = True
     if HAS_ACTIVE:
         is_active = tl.load(active_ptr + row) != 0
@@ -267,7 +285,8 @@ def _num_splits(n: int, vocab: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, max(n, 1)), triton.cdiv(vocab, MIN_SPLIT)))
 
 
-def forward(x3: Tensor, labels: Tensor | None, active: Tensor | None, inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
+def forward(x3: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
+    labels, active, inv_temp = rows.labels, rows.active, rows.inv_temp
     b, t, v = x3.shape
     n = b * t
     f32 = dict(device=x3.device, dtype=torch.float32)
@@ -297,17 +316,9 @@ def forward(x3: Tensor, labels: Tensor | None, active: Tensor | None, inv_temp: 
     return logp, entropy, stats
 
 
-def backward(
-    x3: Tensor,
-    labels: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
-    out: Tensor,
-) -> None:
+def backward(x3: Tensor, rows: Rows, up: Upstream, out: Tensor) -> None:
+    labels, active, inv_temp = rows.labels, rows.active, rows.inv_temp
+    stats, entropy, grad_logp, grad_entropy = up.stats, up.entropy, up.grad_logp, up.grad_entropy
     b, t, v = x3.shape
     n = b * t
     if n == 0:
