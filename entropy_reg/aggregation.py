@@ -1,4 +1,4 @@
-"""Reduce a per-token loss matrix ``[B, T]`` to a scalar, with verl's five ``loss_agg_mode`` s.
+"""Reduce a per-token loss matrix ``[B, S]`` to a scalar, with verl's five ``loss_agg_mode`` s.
 
 Semantics follow ``verl.trainer.ppo.core_algos.agg_loss`` of verl 0.9.1 (with
 ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` /
@@ -60,7 +60,7 @@ def aggregate(
     global_batch_size: float | Tensor | None = None,
     loss_scale_factor: float | None = None,
 ) -> Tensor:
-    """Aggregate ``values[B, T]`` over ``mask[B, T]`` (bool, or numeric weights) with ``mode``.
+    """Aggregate ``values[B, S]`` over ``mask[B, S]`` (bool, or numeric weights) with ``mode``.
 
     Returns a 0-d tensor (float32, or float64 for float64 values) that carries
     gradients to ``values``. See the module docstring for the formulas.

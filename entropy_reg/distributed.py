@@ -54,7 +54,7 @@ def masked_mean(values: Tensor, mask: Tensor | None = None, *, group: Any = None
     ``mean = sum_ranks sum_i [mask_i] * values_i / sum_ranks sum_i [mask_i]``
 
     Args:
-        values: float tensor of any shape (e.g. per-token entropy ``[B, T]``, nats).
+        values: float tensor of any shape (e.g. per-token entropy ``[B, S]``, nats).
         mask: same shape, bool or numeric (nonzero counts as one valid token);
             None means every entry. Entries outside the mask are never added, so
             NaN padding does not leak in.

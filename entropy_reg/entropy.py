@@ -152,7 +152,7 @@ def _as_3d(logits: Tensor) -> Tensor:
     """View ``[..., V]`` as ``[b, t, V]`` with last stride 1, copying only when no such view exists.
 
     Leading dimensions are merged where their strides allow, so slices such as
-    ``logits[:, :-1]`` of a contiguous ``[B, T, V]`` stay views.
+    ``logits[:, :-1]`` of a contiguous ``[B, S, V]`` stay views.
     """
     vocab = logits.shape[-1]
     if logits.is_contiguous():

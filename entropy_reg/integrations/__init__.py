@@ -70,7 +70,7 @@ class EntropyWindow:
 
     @torch.no_grad()
     def add(self, entropy: Tensor, mask: Tensor) -> None:
-        """Add one micro-batch: ``entropy[B, T]`` (nats) over ``mask[B, T]`` (bool or 0/1)."""
+        """Add one micro-batch: ``entropy[B, S]`` (nats) over ``mask[B, S]`` (bool or 0/1)."""
         if not isinstance(entropy, Tensor) or not entropy.is_floating_point():
             raise TypeError(f"entropy must be a floating-point tensor, got {type(entropy).__name__}")
         if not isinstance(mask, Tensor):
