@@ -3,14 +3,18 @@
 One run does everything a lent GPU is for, in order of value, inside a time budget:
 
 1. the card, driver, torch and triton versions, and the measured copy bandwidth;
-2. correctness under real Triton against float64 references on fresh random inputs
+2. the contract tests (tests/test_contract.py) on the GPU under real Triton: confident tokens at
+   large |x| / T, strided / expanded / offset views of every tensor argument, float64, the
+   in-place backward's overlap check, linear_token_entropy's block merge;
+3. the host time per call on a tiny input (forward, forward+backward), and whether a call syncs;
+4. correctness under real Triton against float64 references on fresh random inputs
    (every dtype, masked rows, ignored labels, -inf entries, temperature, split rows,
    non-contiguous views, N*V past 2**31, the in-place backward);
-3. timings (triton.testing.do_bench medians) of token_entropy and
+5. timings (triton.testing.do_bench medians) of token_entropy and
    token_logprobs_and_entropy (forward, forward+backward, in-place backward) against
    the naive formula (eager and torch.compile) and its chunked variant, with peak
    extra memory, at N in {4096, 8192, 16384} x V in {32000, 151936, 262144} x {bf16, fp32};
-4. the fused lm_head benchmark (benchmarks/bench_linear.py), when present.
+6. the fused lm_head benchmark (benchmarks/bench_linear.py), when present.
 
 Full results go to OUT/gpu_bench.json and OUT/gpu_bench.md; a short table is printed last.
 
@@ -233,6 +237,66 @@ def check_label_out_of_range() -> dict[str, Any]:
     return {"check": "label out of range gives NaN", "ok": ok}
 
 
+def contract_tests() -> dict[str, Any]:
+    """tests/test_contract.py on this machine's GPU under real Triton (a subprocess: pytest owns its process)."""
+    if not CUDA:
+        return {"check": "contract tests on the GPU", "ok": True, "note": "CUDA only"}
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ENTROPY_REG_TEST_DEVICE="cuda", TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_contract.py"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    return {"check": "contract tests on the GPU (tests/test_contract.py)", "ok": proc.returncode == 0, "tail": tail}
+
+
+def host_overhead(quick: bool) -> dict[str, Any]:
+    """Host microseconds per call on a tiny input (64 x 1024 bf16), and whether a call syncs the device.
+
+    The loop enqueues `reps` calls and syncs once at the end: the host's cost per call is the
+    loop's wall time over `reps` while the GPU keeps up (it does: the kernels take a few us).
+    """
+    if not CUDA:
+        return {"check": "host time per call", "ok": True, "note": "CUDA only"}
+    x = torch.randn(64, 1024, device=DEV, dtype=torch.bfloat16)
+    y = torch.randint(0, 1024, (64,), device=DEV)
+    g = torch.randn(64, device=DEV)
+    xg = x.clone().requires_grad_()
+
+    def fwd() -> None:
+        with torch.no_grad():
+            er.token_logprobs_and_entropy(x, y, backend="triton")
+
+    def fwdbwd() -> None:
+        lp, h = er.token_logprobs_and_entropy(xg, y, backend="triton")
+        torch.autograd.backward([lp, h], [g, g])
+        xg.grad = None
+
+    out: dict[str, Any] = {"check": "host time per call (64 x 1024 bf16)", "ok": True}
+    reps = 50 if quick else 500
+    for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any device sync inside a call raises
+        try:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            host = (time.perf_counter() - t0) / reps
+            syncs = False
+        except RuntimeError:
+            host, syncs = float("nan"), True
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        out[f"{name}_host_us"] = host * 1e6
+        out[f"{name}_syncs"] = syncs
+        out["ok"] = out["ok"] and not syncs
+    return out
+
+
 def autotune_choices() -> dict[str, str]:
     """The configs the autotuner picked, per (V, num_splits, dtypes) key."""
     from entropy_reg.kernels import triton_entropy as te
@@ -403,6 +467,15 @@ def main() -> None:
 
     def save() -> None:
         (args.out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
+
+    for check in (contract_tests, lambda: host_overhead(args.quick)):
+        try:
+            r = check()
+        except Exception as exc:  # report, do not stop the run
+            r = {"check": getattr(check, "__name__", "host time per call"), "ok": False, "error": repr(exc)[:500]}
+        result["checks"].append(r)
+        print(json.dumps(r), flush=True)
+    save()
 
     vocabs = (32000, 151936, 262144) if not args.quick else (1000, 3001)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

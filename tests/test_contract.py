@@ -18,12 +18,14 @@ error of the x / T - lse form that these tests catch (a multiple of ulp(|x| / T)
 
 The per-row tensors (labels, mask, upstream gradients) and the logits are drawn as contiguous,
 strided, offset, transposed and expanded (stride 0) views. The Triton backend runs under the
-interpreter (conftest.py).
+interpreter (conftest.py); on a CUDA machine, ``ENTROPY_REG_TEST_DEVICE=cuda TRITON_INTERPRET=0``
+runs the same checks on the GPU under real Triton (benchmarks/bench_gpu.py does).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import hypothesis.strategies as st
 import numpy as np
@@ -44,6 +46,7 @@ STORE_RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-
 # Below the smallest normal number of the math (float32) or of the stored dtype, rounding is absolute.
 TINY = {torch.float32: 2.0**-126, torch.bfloat16: 2.0**-126, torch.float16: 2.0**-14}
 VIEWS = ["contiguous", "strided", "offset", "transposed", "expanded"]
+DEVICE = torch.device(os.environ.get("ENTROPY_REG_TEST_DEVICE", "cpu"))
 
 
 # ---------------------------------------------------------------- helpers
@@ -54,11 +57,11 @@ def as_view(t: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "contiguous":
         return t.clone()
     if kind == "strided":
-        big = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
+        big = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
         big[:, ::2] = t
         return big[:, ::2]
     if kind == "offset":
-        big = torch.empty(t.numel() + 3, dtype=t.dtype)
+        big = torch.empty(t.numel() + 3, dtype=t.dtype, device=t.device)
         big[3:] = t.reshape(-1)
         return big[3:].view(t.shape)
     if kind == "transposed":
@@ -72,11 +75,11 @@ def view_logits(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "contiguous":
         return x.clone()
     if kind == "strided":  # rows of a larger buffer: what logits[:, :-1] looks like
-        big = torch.empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=x.dtype)
+        big = torch.empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=x.dtype, device=x.device)
         big[:, :-1] = x
         return big[:, :-1]
     if kind == "offset":
-        big = torch.empty(x.numel() + 5, dtype=x.dtype)
+        big = torch.empty(x.numel() + 5, dtype=x.dtype, device=x.device)
         big[5:] = x.reshape(-1)
         return big[5:].view(x.shape)
     if kind == "transposed":
@@ -87,6 +90,8 @@ def view_logits(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def check_forward(out: torch.Tensor, ref: torch.Tensor, what: str, entropy: torch.Tensor | None = None) -> None:
     """|out - ref| <= 1e-5 |ref| (+ LOGP_ULPS H for a log-prob, given the row's entropy H)."""
+    out, ref = out.cpu(), ref.cpu()
+    entropy = entropy.cpu() if entropy is not None else None
     err = (out.double() - ref).abs()
     bound = RTOL * ref.abs() + REF_ATOL + (LOGP_ULPS * entropy.abs() if entropy is not None else 0.0)
     worst = int((err - bound).argmax())
@@ -115,6 +120,7 @@ def reference_gradient(x, labels, active, temperature, g_lp, g_h):
 
 
 def check_gradient(grad: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    grad, ref, bound = grad.cpu(), ref.cpu(), bound.cpu()
     dtype = grad.dtype
     bound = bound + STORE_RTOL[dtype] * ref.abs() + TINY[dtype] * STORE_RTOL[dtype]
     err = (grad.double() - ref).abs()
@@ -123,13 +129,14 @@ def check_gradient(grad: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -
 
 
 def run(backend, x, labels, mask, temperature, g_lp, g_h, **kw):
-    """(logp, H, dL/dx) for L = sum(g_lp * logp + g_H * H)."""
-    leaf = x.detach().clone().requires_grad_()
+    """(logp, H, dL/dx) on the CPU for L = sum(g_lp * logp + g_H * H), computed on DEVICE."""
+    leaf = x.detach().clone().to(DEVICE).requires_grad_()
     logits = leaf * 1 if kw.get("inplace_backward") else leaf
-    lp, h = er.token_logprobs_and_entropy(logits, labels, temperature=temperature, mask=mask, backend=backend, **kw)
-    pairs = [(out, g) for out, g in ((lp, g_lp), (h, g_h)) if g is not None]
+    mask = mask.to(DEVICE) if mask is not None else None
+    lp, h = er.token_logprobs_and_entropy(logits, labels.to(DEVICE), temperature=temperature, mask=mask, backend=backend, **kw)
+    pairs = [(out, g.to(DEVICE)) for out, g in ((lp, g_lp), (h, g_h)) if g is not None]
     torch.autograd.backward([out for out, _ in pairs], [g for _, g in pairs])
-    return lp, h, leaf.grad
+    return lp.cpu(), h.cpu(), leaf.grad.cpu()
 
 
 # ---------------------------------------------------------------- near-zero log-probs
@@ -220,18 +227,18 @@ def test_confident_label_gradient_is_relatively_exact(backend):
 def test_views_of_every_argument(backend, b, t, vocab, kinds, temperature, seed):
     k_logits, k_labels, k_mask, k_glp, k_gh = kinds
     g = torch.Generator().manual_seed(seed)
-    x = view_logits(torch.randn(b, t, vocab, generator=g) * 3, k_logits)
-    labels = as_view(torch.randint(0, vocab, (b, t), generator=g), k_labels)
-    mask = as_view(torch.rand(b, t, generator=g) < 0.7, k_mask)
-    g_lp = as_view(torch.randn(b, t, generator=g), k_glp)
-    g_h = as_view(torch.randn(b, t, generator=g), k_gh)
-    leaf = torch.randn(b, t, vocab, requires_grad=True)  # the logits' gradient through the view
+    x = view_logits((torch.randn(b, t, vocab, generator=g) * 3).to(DEVICE), k_logits)
+    labels = as_view(torch.randint(0, vocab, (b, t), generator=g).to(DEVICE), k_labels)
+    mask = as_view((torch.rand(b, t, generator=g) < 0.7).to(DEVICE), k_mask)
+    g_lp = as_view(torch.randn(b, t, generator=g).to(DEVICE), k_glp)
+    g_h = as_view(torch.randn(b, t, generator=g).to(DEVICE), k_gh)
+    leaf = torch.randn(b, t, vocab, device=DEVICE, requires_grad=True)  # the logits' gradient through the view
     with torch.no_grad():
         leaf.copy_(x)
     logits = view_logits(leaf, k_logits) if k_logits != "contiguous" else leaf
     lp, h = er.token_logprobs_and_entropy(logits, labels, temperature=temperature, mask=mask, backend=backend)
     torch.autograd.backward([lp, h], [g_lp, g_h])
-    xr = logits.detach()
+    xr, labels, mask, g_lp, g_h = (u.cpu() for u in (logits.detach(), labels, mask, g_lp, g_h))
     ref_h = torch.where(mask, entropy_f64(xr, temperature).detach(), 0.0)
     check_forward(lp, torch.where(mask, logprob_f64(xr, labels, temperature).detach(), 0.0), "log p", ref_h)
     check_forward(h, ref_h, "H")
@@ -239,21 +246,22 @@ def test_views_of_every_argument(backend, b, t, vocab, kinds, temperature, seed)
     if k_logits == "expanded":  # every position reads row 0: its gradient is the sum over them
         ref, bound = ref.sum((0, 1), keepdim=True), bound.sum((0, 1), keepdim=True)
         check_gradient(leaf.grad[:1, :1], ref, bound)
-        assert (leaf.grad.view(-1, vocab)[1:] == 0).all()
+        assert (leaf.grad.reshape(-1, vocab)[1:] == 0).all()
     else:
         check_gradient(leaf.grad, ref, bound)
 
 
 def test_issue_strided_examples_on_triton():
-    x = torch.randn(4, 3, 23)
-    lab = torch.randint(0, 23, (4, 6))[:, ::2]
+    x = torch.randn(4, 3, 23, device=DEVICE)
+    lab = torch.randint(0, 23, (4, 6), device=DEVICE)[:, ::2]
+    xc, labc = x.cpu(), lab.cpu()
     for backend in BACKENDS:
         lp = er.token_logprobs_and_entropy(x, lab, backend=backend)[0]
-        check_forward(lp, logprob_f64(x, lab).detach(), "log p", entropy_f64(x))
-        lp = er.token_logprobs_and_entropy(x[0], torch.tensor(3).expand(3), backend=backend)[0]
-        check_forward(lp, logprob_f64(x[0], torch.full((3,), 3)).detach(), "log p", entropy_f64(x[0]))
-        h = er.token_entropy(x[0], mask=torch.tensor(False).expand(3), backend=backend)
-        assert torch.equal(h, torch.zeros(3))
+        check_forward(lp, logprob_f64(xc, labc).detach(), "log p", entropy_f64(xc))
+        lp = er.token_logprobs_and_entropy(x[0], torch.tensor(3, device=DEVICE).expand(3), backend=backend)[0]
+        check_forward(lp, logprob_f64(xc[0], torch.full((3,), 3)).detach(), "log p", entropy_f64(xc[0]))
+        h = er.token_entropy(x[0], mask=torch.tensor(False, device=DEVICE).expand(3), backend=backend)
+        assert torch.equal(h.cpu(), torch.zeros(3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,19 +270,21 @@ def test_linear_token_entropy_views_of_per_row_tensors(backend, kind):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
     weight = torch.randn(40, 8, generator=g, dtype=torch.float64)
-    labels = as_view(torch.randint(0, 40, (3, 4), generator=g), kind)
-    mask = as_view(torch.rand(3, 4, generator=g) < 0.7, "contiguous" if kind == "expanded" else kind)
-    h32, w32 = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    g_lp, g_h = as_view(torch.randn(3, 4, generator=g), kind), as_view(torch.randn(3, 4, generator=g), kind)
+    labels = as_view(torch.randint(0, 40, (3, 4), generator=g).to(DEVICE), kind)
+    mask = as_view((torch.rand(3, 4, generator=g) < 0.7).to(DEVICE), "contiguous" if kind == "expanded" else kind)
+    h32, w32 = hidden.float().to(DEVICE).requires_grad_(), weight.float().to(DEVICE).requires_grad_()
+    g_lp = as_view(torch.randn(3, 4, generator=g).to(DEVICE), kind)
+    g_h = as_view(torch.randn(3, 4, generator=g).to(DEVICE), kind)
     lp, h = er.linear_token_entropy(h32, w32, labels, mask=mask, temperature=0.8, chunk_size=5, backend=backend)
     torch.autograd.backward([lp, h], [g_lp, g_h])
-    z = h32.detach().double() @ w32.detach().double().T
+    labels, mask, g_lp, g_h = (u.cpu() for u in (labels, mask, g_lp, g_h))
+    z = h32.detach().cpu().double() @ w32.detach().cpu().double().T
     ref_h = torch.where(mask, entropy_f64(z, 0.8).detach(), 0.0)
     check_forward(lp, torch.where(mask, logprob_f64(z, labels, 0.8).detach(), 0.0), "log p", ref_h)
     check_forward(h, ref_h, "H")
     ref, bound = reference_gradient(z, labels, mask, 0.8, g_lp, g_h)
-    ref_hidden = ref @ w32.detach().double()
-    torch.testing.assert_close(h32.grad.double(), ref_hidden, rtol=1e-5, atol=1e-6)
+    ref_hidden = ref @ w32.detach().cpu().double()
+    torch.testing.assert_close(h32.grad.cpu().double(), ref_hidden, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- linear_token_entropy's block merge
@@ -308,7 +318,7 @@ def test_linear_block_merge_keeps_confident_digits(bias_level, peak, temperature
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", [lambda r: r.expand(5, -1), lambda r: r.view(1, 1, -1).expand(2, 3, -1)])
 def test_inplace_backward_refuses_rows_that_share_memory(backend, make):
-    row = torch.randn(1, 30, requires_grad=True)
+    row = torch.randn(1, 30, device=DEVICE, requires_grad=True)
     logits = make(row * 1)
     with pytest.raises(ValueError, match="inplace_backward"):
         er.token_entropy(logits, backend=backend, inplace_backward=True)
@@ -320,11 +330,11 @@ def test_inplace_backward_refuses_rows_that_share_memory(backend, make):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_on_disjoint_strided_rows_is_allowed(backend):
     base = torch.randn(4, 6, 30)
-    leaf = base.clone().requires_grad_()
+    leaf = base.clone().to(DEVICE).requires_grad_()
     er.token_entropy((leaf * 1)[:, :-1], backend=backend, inplace_backward=True).sum().backward()
     ref = base.double().requires_grad_()
     entropy_f64(ref[:, :-1]).sum().backward()
-    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.cpu().double(), ref.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- float64
@@ -333,12 +343,12 @@ def test_inplace_backward_on_disjoint_strided_rows_is_allowed(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_logits_compute_in_float64_and_pass_gradcheck(backend):
     g = torch.Generator().manual_seed(4)
-    x = (torch.randn(3, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    labels = torch.tensor([0, 6, 3])
+    x = (torch.randn(3, 7, generator=g, dtype=torch.float64) * 2).to(DEVICE).requires_grad_()
+    labels = torch.tensor([0, 6, 3], device=DEVICE)
     lp, h = er.token_logprobs_and_entropy(x, labels, temperature=0.7, backend=backend)
     assert lp.dtype == h.dtype == torch.float64
-    torch.testing.assert_close(h, entropy_f64(x.detach(), 0.7), rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(lp, logprob_f64(x.detach(), labels, 0.7), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(h.cpu(), entropy_f64(x.detach().cpu(), 0.7), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(lp.cpu(), logprob_f64(x.detach().cpu(), labels.cpu(), 0.7), rtol=1e-12, atol=1e-13)
     assert torch.autograd.gradcheck(
         lambda t: er.token_logprobs_and_entropy(t, labels, temperature=0.7, backend=backend), (x,)
     )
@@ -392,7 +402,10 @@ def test_labels_of_masked_and_ignored_rows_are_not_checked(backend):
     x = torch.randn(4, 10)
     labels = torch.tensor([3, 10**6, -7, 2])  # rows 1 and 2 are padding with arbitrary ids
     mask = torch.tensor([True, False, True, True])
-    lp, h = er.token_logprobs_and_entropy(x, labels, mask=mask, ignore_index=-7, backend=backend)
+    lp, h = er.token_logprobs_and_entropy(
+        x.to(DEVICE), labels.to(DEVICE), mask=mask.to(DEVICE), ignore_index=-7, backend=backend
+    )
+    lp, h = lp.cpu(), h.cpu()
     assert lp[1] == 0 and lp[2] == 0 and h[1] == 0 and h[2] == 0
     check_forward(lp[[0, 3]], logprob_f64(x[[0, 3]], labels[[0, 3]]).detach(), "log p", entropy_f64(x[[0, 3]]))
     lp, _ = er.linear_token_entropy(torch.randn(4, 5), torch.randn(10, 5), labels, mask=mask, ignore_index=-7)
