@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import as_count, as_scalar
+from .checks import as_count, as_scalar, check_mask_like
 
 __all__ = ["aggregate", "AGG_MODES"]
 
@@ -102,14 +102,7 @@ def _check_inputs(values: Any, mask: Any) -> tuple[Tensor, Tensor]:
         raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
     if values.dim() != 2:
         raise ValueError(f"values must be [batch, tokens], got shape {tuple(values.shape)}")
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != values.shape:
-        raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
-    if mask.device != values.device:
-        raise ValueError(f"mask is on {mask.device} but values are on {values.device}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or real, got {mask.dtype}")
+    check_mask_like(mask, values)
     v = values if values.dtype in (torch.float32, torch.float64) else values.float()
     return v, mask
 

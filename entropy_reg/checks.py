@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_scalar", "as_count", "as_flag", "as_sequence", "as_state", "check_float_tensor", "flat_rows"]
+__all__ = ["as_scalar", "as_count", "as_flag", "as_sequence", "as_state", "check_float_tensor", "check_mask_like", "flat_rows"]
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -123,6 +123,18 @@ def check_float_tensor(t: Any, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in LOGIT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def check_mask_like(mask: Any, values: Tensor) -> None:
+    """``mask`` must be a bool or real tensor of ``values``' shape and device (a token mask)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != values.shape:
+        raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
+    if mask.device != values.device:
+        raise ValueError(f"mask is on {mask.device} but values are on {values.device}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or real, got {mask.dtype}")
 
 
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .checks import as_count, as_scalar
+from .checks import as_count, as_scalar, check_mask_like
 
 __all__ = ["masked_mean", "all_reduce_sum", "dist_active", "as_scalar", "as_count"]
 
@@ -89,10 +89,5 @@ def masked_mean(values: Tensor, mask: Tensor | None = None, *, group: Any = None
 def _valid_mask(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return torch.ones_like(values, dtype=torch.bool)
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape != values.shape:
-        raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
-    if mask.device != values.device:
-        raise ValueError(f"mask is on {mask.device} but values are on {values.device}")
+    check_mask_like(mask, values)
     return mask if mask.dtype == torch.bool else mask != 0

@@ -124,9 +124,8 @@ def _logprobs_entropy(
             f"{tuple(logits.stride())} for shape {tuple(logits.shape)}); pass a copy or use inplace_backward=False"
         )
     if process_group is not None:
-        logp, entropy = vocab_parallel.sharded_logprobs_entropy(
-            x3, flat_labels, active, inv_temp, backend, inplace_backward, process_group
-        )
+        rows = kernels.Rows(flat_labels, active, inv_temp)
+        logp, entropy = vocab_parallel.sharded_logprobs_entropy(x3, rows, backend, inplace_backward, process_group)
     else:
         logp, entropy, _ = logprobs_entropy(x3, flat_labels, active, inv_temp, backend, inplace_backward)
     return (logp.view(lead) if labels is not None else logp), entropy.view(lead)

@@ -94,17 +94,11 @@ class _ShardedLogprobsEntropy(torch.autograd.Function):
 
 
 def sharded_logprobs_entropy(
-    x3: Tensor,
-    labels: Tensor | None,
-    active: Tensor | None,
-    inv_temp: float,
-    backend: str,
-    inplace_backward: bool,
-    group: dist.ProcessGroup,
+    x3: Tensor, rows: kernels.Rows, backend: str, inplace_backward: bool, group: dist.ProcessGroup
 ) -> tuple[Tensor, Tensor]:
     """(log p_y[n] or empty, H[n]) float32 of the full vocabulary from this rank's logit shard x3[b, t, V_local].
 
-    Arguments as the backends' ``forward`` (already validated; labels are global
-    ids). Eager only: the collectives run in Python, outside a custom op.
+    ``rows`` as the backends take it (already validated; labels are global ids).
+    Eager only: the collectives run in Python, outside a custom op.
     """
-    return _ShardedLogprobsEntropy.apply(x3, labels, active, inv_temp, backend, inplace_backward, group)
+    return _ShardedLogprobsEntropy.apply(x3, rows.labels, rows.active, rows.inv_temp, backend, inplace_backward, group)
