@@ -45,13 +45,35 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .checks import as_count, as_scalar, as_state
 
 __all__ = ["GlobalCoefficientController", "COEF_RULES", "DEFAULT_LR", "DEFAULT_MAX_VALUE"]
 
-COEF_RULES = ("proportional", "sign", "log")
+
+def _additive(x: float, gain: float, err: float) -> float:
+    return x + gain * err
+
+
+def _signed(x: float, gain: float, err: float) -> float:
+    return x + gain * float((err > 0) - (err < 0))
+
+
+def _multiplicative(x: float, gain: float, err: float) -> float:
+    # x * exp(.) rather than exp(log x + .): exp(y) >= 1 for y >= 0, so rounding can
+    # never move x against the error's sign.
+    return x * math.exp(min(gain * err, 700.0))
+
+
+# The registered rules: each moves x (alpha, or its integral) by a gain times the relative error e.
+# One source of truth for the names; a new rule is one entry here and one in DEFAULT_LR.
+COEF_RULES: dict[str, Callable[[float, float, float], float]] = {
+    "proportional": _additive,
+    "sign": _signed,
+    "log": _multiplicative,
+}
 DEFAULT_LR = {"proportional": 1e-4, "sign": 1e-4, "log": 0.05}
 DEFAULT_MAX_VALUE = 1e-2
 
@@ -85,7 +107,7 @@ class GlobalCoefficientController:
         if not isinstance(rule, str):
             raise TypeError(f"rule must be a str, got {type(rule).__name__}")
         if rule not in COEF_RULES:
-            raise ValueError(f"rule must be one of {COEF_RULES}, got {rule!r}")
+            raise ValueError(f"rule must be one of {tuple(COEF_RULES)}, got {rule!r}")
         self.rule = rule
         self.lr = DEFAULT_LR[rule] if lr is None else as_scalar(lr, "lr", low=0.0)
         self.min_value = as_scalar(min_value, "min_value", low=0.0)
@@ -121,25 +143,17 @@ class GlobalCoefficientController:
         # e <= 1 always (h >= 0), but h / t overflows for a tiny target (H = 1, t = 1e-310);
         # -float max is the same full step down and keeps the state finite (JSON-safe).
         err = max((t - h) / t, -sys.float_info.max)
-        if self.rule == "sign":
-            integral = self.integral + self.lr * float((err > 0) - (err < 0))
-        else:
-            integral = self._move(self.integral, self.lr, err)
-        self.integral = self._clip(integral)
+        self.integral = self._clip(self._move(self.integral, self.lr, err))
         self.value = self._clip(self._move(self.integral, self.damping, err))
         self.last_error = err
         self.steps += 1
         return self.value
 
     def _move(self, x: float, gain: float, err: float) -> float:
-        """``x`` moved by ``gain * err``: added ("proportional") or as a factor ``exp(.)`` ("log")."""
+        """``x`` moved by the rule's step of ``gain`` times ``err`` (see ``COEF_RULES``)."""
         if gain == 0.0:  # 0 * inf would be NaN for a huge entropy/target ratio
             return x
-        if self.rule == "proportional":
-            return x + gain * err
-        # x * exp(.) rather than exp(log x + .): exp(y) >= 1 for y >= 0, so rounding can
-        # never move x against the error's sign.
-        return x * math.exp(min(gain * err, 700.0))
+        return COEF_RULES[self.rule](x, gain, err)
 
     def _clip(self, x: float) -> float:
         return min(max(x, self.min_value), self.max_value)
@@ -158,9 +172,12 @@ class GlobalCoefficientController:
             "last_error": None if last is None else as_scalar(last, f"{name}['last_error']", high=1.0),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validates everything before changing anything."""
-        self._apply(self._parse_state(state))
+    def load_state_dict(self, state: dict[str, Any], *, name: str = "state") -> None:
+        """Restore :meth:`state_dict` output; validates everything before changing anything.
+
+        ``name`` is how error messages call ``state`` (e.g. ``"state['controller']"``).
+        """
+        self._apply(self._parse_state(state, name))
 
     def _apply(self, parsed: dict[str, Any]) -> None:
         self.value = parsed["value"]

@@ -212,9 +212,12 @@ class DifficultyAllocator:
             as_state(stats, _STAT_KEYS, f"{name}['stats']")
         return {"stats": {k: as_scalar(v, f"{name}['stats'][{k!r}]", low=0.0) for k, v in stats.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validates everything before changing anything."""
-        self._apply(self._parse_state(state))
+    def load_state_dict(self, state: dict[str, Any], *, name: str = "state") -> None:
+        """Restore :meth:`state_dict` output; validates everything before changing anything.
+
+        ``name`` is how error messages call ``state`` (e.g. ``"state['target']"``).
+        """
+        self._apply(self._parse_state(state, name))
 
     def _apply(self, parsed: dict[str, Any]) -> None:
         self.stats = dict(parsed["stats"])

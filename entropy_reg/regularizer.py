@@ -25,6 +25,8 @@ Call order in a training step::
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -172,7 +174,7 @@ class AdaptiveEntropyRegularizer:
             if target is not None:
                 self.controller.update(h, target)
         except Exception:
-            self.target._apply(saved)  # the controller validates before it changes anything
+            self.target.load_state_dict(saved)  # the controller validates before it changes anything
             raise
         self.last_entropy = h
         return self.metrics(prefix)
@@ -188,15 +190,14 @@ class AdaptiveEntropyRegularizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; every part is validated before any is applied."""
-        state = as_state(state, ("allocator", "target", "controller", "last_entropy"))
-        allocator = self.allocator._parse_state(state["allocator"], "state['allocator']")
-        target = self.target._parse_state(state["target"], "state['target']")
-        controller = self.controller._parse_state(state["controller"], "state['controller']")
+        parts = ("allocator", "target", "controller")
+        state = as_state(state, parts + ("last_entropy",))
         last = state["last_entropy"]
         last = None if last is None else as_scalar(last, "state['last_entropy']", low=0.0)
-        self.allocator._apply(allocator)
-        self.target._apply(target)
-        self.controller._apply(controller)
+        for part in parts:  # a throwaway copy checks each part before any part changes
+            copy.deepcopy(getattr(self, part)).load_state_dict(state[part], name=f"state[{part!r}]")
+        for part in parts:
+            getattr(self, part).load_state_dict(state[part])
         self.last_entropy = last
 
     def metrics(self, prefix: str = "aer/") -> dict[str, float]:

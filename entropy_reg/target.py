@@ -163,9 +163,12 @@ class AnchoredTarget:
             raise ValueError(f"{name}['anchor'] is None but this target was built with initial_entropy")
         return parsed
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validates everything before changing anything."""
-        self._apply(self._parse_state(state))
+    def load_state_dict(self, state: dict[str, Any], *, name: str = "state") -> None:
+        """Restore :meth:`state_dict` output; validates everything before changing anything.
+
+        ``name`` is how error messages call ``state`` (e.g. ``"state['target']"``).
+        """
+        self._apply(self._parse_state(state, name))
 
     def _apply(self, parsed: dict[str, Any]) -> None:
         self.anchor = parsed["anchor"]
