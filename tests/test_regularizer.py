@@ -233,7 +233,8 @@ def test_bad_state_changes_nothing():
     ]:
         bad = json.loads(json.dumps(good))
         bad[part][key] = value
-        with pytest.raises((ValueError, TypeError)):
+        # the message names the part and the key: state['target']['anchor']
+        with pytest.raises((ValueError, TypeError), match=rf"state\['{part}'\]\['{key}'\]"):
             reg.load_state_dict(bad)
         assert reg.state_dict() == before
     with pytest.raises(ValueError, match="last_entropy"):
