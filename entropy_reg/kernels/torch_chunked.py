@@ -10,12 +10,15 @@ logits).
 Math, per row, with T the temperature and m = max_j x_j the raw row maximum:
 
     d_j = (x_j - m) * log2(e) / T     e_j = 2 ** d_j      (exp2 is ~2x faster than exp on CPU)
-    r = sum_{j != k} e_j              u = sum_j e_j d_j   (k: one position of the max, e_k = 1)
-    s = 1 + r     c = ln s = log1p(r)     H = c - ln2 * u / s
+    s = sum_j e_j                     u = sum_j e_j d_j
+    q = sum_{d_j < 0} e_j             n_0 = round(s - q)  (the entries at the max, each exactly 1)
+    c = ln s = log1p(q + n_0 - 1)     H = c - ln2 * u / s
     log p_y = (x_y - m) / T - c
 
-r leaves out the max's exact 1, so a confident row (s = 1 + tiny) keeps the digits of c:
-summing the 1 in would round them to float32's spacing near 1.
+q leaves the max's exact 1s out, so a confident row (s = 1 + tiny) keeps the digits of c: the
+float32 sum s rounds them to float32's spacing near 1 (1.2e-7). n_0 is exact because both sums
+err by far less than 1/2 (s <= V). (An argmax would find the max's position too, but on CPU it
+costs more than the rest of the pass; q is two in-place passes and a sum.)
 
 The row's statistics for the backward are (m, c), never lse = m / T + c: with
 |x| / T large, lse rounds to a multiple of ulp(m / T) and x / T - lse loses every
@@ -125,15 +128,16 @@ def forward(x3: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
     for sel, xc in _row_blocks(x3, active):
         r = xc.shape[0]
         d, e = d_buf[:r], e_buf[:r]
-        m, at_max = xc.max(-1, keepdim=True)
-        m = m.to(d.dtype)
+        m = xc.amax(-1, keepdim=True).to(d.dtype)
         torch.sub(xc, m, out=d)
         d.mul_(scale).clamp_(min=LOG_FLOOR)
         torch.exp2(d, out=e)
-        e.scatter_(1, at_max, 0.0)  # the max's 1 (its d is 0, so u is unchanged)
-        rest = e.sum(-1)
-        c = rest.log1p()
-        entropy[sel] = c - LN2 * torch.linalg.vecdot(e, d) / (1.0 + rest)
+        s = e.sum(-1)
+        u = torch.linalg.vecdot(e, d)
+        # q: the sum without the entries at the max; threshold_ keeps -e_j > -1, zeroes the 1s
+        q = -torch.nn.functional.threshold_(e.neg_(), -1.0, 0.0).sum(-1)
+        c = (q + ((s - q).round() - 1.0)).log1p()
+        entropy[sel] = c - LN2 * u / s
         stats[0, sel] = m.squeeze(1)
         stats[1, sel] = c
         if labels is not None:
@@ -168,7 +172,8 @@ def backward(x3: Tensor, rows: Rows, up: Upstream, out: Tensor) -> None:
         h = entropy[sel].unsqueeze(1)
         # log p = (x - m) / T - c, exact near the max (see the module docstring)
         torch.sub(xc, stats[0, sel].unsqueeze(1), out=lp)
-        lp.mul_(inv_temp).sub_(stats[1, sel].unsqueeze(1)).clamp_(min=LOG_FLOOR)
+        torch.add(stats[1, sel].unsqueeze(1).neg(), lp, alpha=inv_temp, out=lp)  # -c + (x - m) / T
+        lp.clamp_(min=LOG_FLOOR)
         torch.mul(lp, LOG2E, out=p)
         p.exp2_()
         # coefficient of -p_j: g_H * (log p_j + H) + g_lp
