@@ -25,3 +25,16 @@ settings.load_profile("default")
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def registry():
+    """(verl tests) Restore verl's trainer registry and main_ppo_v0's trainer name after install()."""
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.v1 import trainer_base
+
+    saved, legacy = dict(trainer_base.TRAINER_REGISTRY), main_ppo_v0.RayPPOTrainer
+    yield
+    trainer_base.TRAINER_REGISTRY.clear()
+    trainer_base.TRAINER_REGISTRY.update(saved)
+    main_ppo_v0.RayPPOTrainer = legacy

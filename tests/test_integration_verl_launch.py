@@ -30,19 +30,6 @@ def hydra_module():
         yield
 
 
-@pytest.fixture
-def registry():
-    """Restore verl's trainer registry and main_ppo_v0's trainer name after install()."""
-    from verl.trainer import main_ppo_v0
-    from verl.trainer.ppo.v1 import trainer_base
-
-    saved, legacy = dict(trainer_base.TRAINER_REGISTRY), main_ppo_v0.RayPPOTrainer
-    yield
-    trainer_base.TRAINER_REGISTRY.clear()
-    trainer_base.TRAINER_REGISTRY.update(saved)
-    main_ppo_v0.RayPPOTrainer = legacy
-
-
 GRPO = [
     "algorithm.adv_estimator=grpo", "data.train_batch_size=8", "actor_rollout_ref.rollout.n=4",
     "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",

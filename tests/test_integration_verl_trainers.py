@@ -341,19 +341,6 @@ def store(monkeypatch):
     return s
 
 
-@pytest.fixture
-def registry():
-    """Restore verl's trainer registry and main_ppo_v0's trainer name after install()."""
-    from verl.trainer import main_ppo_v0
-    from verl.trainer.ppo.v1 import trainer_base
-
-    saved, legacy = dict(trainer_base.TRAINER_REGISTRY), main_ppo_v0.RayPPOTrainer
-    yield
-    trainer_base.TRAINER_REGISTRY.clear()
-    trainer_base.TRAINER_REGISTRY.update(saved)
-    main_ppo_v0.RayPPOTrainer = legacy
-
-
 # ----------------------------------------------------------------------------------------------
 # the rollout stub
 
