@@ -53,7 +53,7 @@ from torch import Tensor
 
 from . import kernels
 from .checks import as_count, as_scalar, check_float_tensor, flat_rows
-from .kernels.torch_chunked import compute_dtype
+from .kernels import compute_dtype
 from .partials import label_logits, localize, merge_parts, part_backward, part_stats
 from .vocab_parallel import group_layout, merge_over_group
 

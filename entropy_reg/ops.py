@@ -37,7 +37,7 @@ def logprobs_entropy(
 @logprobs_entropy.register_fake
 def _(x3, labels, active, inv_temp, backend, inplace_backward):
     n = x3.shape[0] * x3.shape[1]
-    acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    acc = kernels.compute_dtype(x3)
     return x3.new_empty(n if labels is not None else 0, dtype=acc), x3.new_empty(n, dtype=acc), x3.new_empty(2, n, dtype=acc)
 
 

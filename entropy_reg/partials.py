@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels.torch_chunked import LOG_FLOOR, compute_dtype
+from .kernels import compute_dtype
+from .kernels.torch_chunked import LOG_FLOOR
 
 
 def localize(labels: Tensor, offset: int, width: int, active: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -59,6 +59,11 @@ def triton_available() -> bool:
     return True
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The math and output dtype for logits ``x``: float64 for float64, float32 for every other dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Map a user's ``backend`` choice to "torch" or "triton" for ``dtype`` tensors on ``device``.
 

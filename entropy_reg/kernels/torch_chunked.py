@@ -46,7 +46,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from . import Rows, Upstream
+from . import Rows, Upstream, compute_dtype
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -105,11 +105,6 @@ def _write_rows(out3: Tensor, rows: Tensor | slice, values: Tensor) -> None:
     else:
         t = out3.shape[1]
         out3[rows // t, rows % t] = values.to(out3.dtype)
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 logits, float32 for every other dtype."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def forward(x3: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
