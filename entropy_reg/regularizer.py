@@ -28,14 +28,14 @@ from __future__ import annotations
 import copy
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .aggregation import aggregate
-from .controller import DEFAULT_MAX_VALUE, GlobalCoefficientController
+from .controller import DEFAULT_MAX_VALUE, DEFAULT_RULE, DEFAULT_SMOOTHING, GlobalCoefficientController
 from .difficulty import DifficultyAllocator, GroupIds
 from .checks import as_scalar, as_state
 from .target import AnchoredTarget
@@ -52,8 +52,10 @@ class AERConfig:
     Target (:class:`AnchoredTarget`): ``target_ratio``, ``warmup_steps``,
     ``initial_entropy``, ``final_ratio``, ``schedule_steps``.
     Coefficient (:class:`GlobalCoefficientController`): ``coef_rule``,
-    ``coef_init``, ``coef_lr`` (None: the rule's default), ``coef_min``, ``coef_max``,
-    ``coef_damping``.
+    ``coef_init``, ``coef_lr``, ``coef_min``, ``coef_max``, ``coef_damping``,
+    ``coef_smoothing``; None takes the rule's default. The defaults are the
+    controller's: the damped log rule on a 0.9 moving average of the entropy,
+    alpha in [1e-4, 1e-2] (:mod:`entropy_reg.controller` says where they come from).
     """
 
     difficulty_rule: str | Callable[[Tensor], Any] = "linear"
@@ -65,12 +67,25 @@ class AERConfig:
     initial_entropy: float | None = None
     final_ratio: float | None = None
     schedule_steps: int = 0
-    coef_rule: str = "proportional"
-    coef_init: float = 0.0
+    coef_rule: str = DEFAULT_RULE
+    coef_init: float | None = None
     coef_lr: float | None = None
-    coef_min: float = 0.0
+    coef_min: float | None = None
     coef_max: float = DEFAULT_MAX_VALUE
-    coef_damping: float = 0.0
+    coef_damping: float | None = None
+    coef_smoothing: float = DEFAULT_SMOOTHING
+
+    def controller(self) -> GlobalCoefficientController:
+        """A new :class:`GlobalCoefficientController` with these settings."""
+        return GlobalCoefficientController(
+            self.coef_init, lr=self.coef_lr, min_value=self.coef_min, max_value=self.coef_max, rule=self.coef_rule,
+            damping=self.coef_damping, smoothing=self.coef_smoothing,
+        )
+
+    def resolved(self) -> AERConfig:
+        """These settings with each None replaced by the value the controller takes for it."""
+        c = self.controller()
+        return replace(self, coef_init=c.value, coef_lr=c.lr, coef_min=c.min_value, coef_damping=c.damping)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python settings (a callable rule appears by its qualified name)."""
@@ -107,10 +122,7 @@ class AdaptiveEntropyRegularizer:
             final_ratio=cfg.final_ratio,
             schedule_steps=cfg.schedule_steps,
         )
-        self.controller = GlobalCoefficientController(
-            cfg.coef_init, lr=cfg.coef_lr, min_value=cfg.coef_min, max_value=cfg.coef_max, rule=cfg.coef_rule,
-            damping=cfg.coef_damping,
-        )
+        self.controller = cfg.controller()
         self.last_entropy: float | None = None
 
     @property

@@ -22,22 +22,35 @@ targets = st.floats(min_value=1e-3, max_value=10.0, allow_nan=False)
 steps = st.lists(st.tuples(entropies, targets), min_size=1, max_size=40)
 
 
+def _raw(initial: float, **kwargs) -> GlobalCoefficientController:
+    """A controller on the raw entropy (no smoothing, no damping), additive unless ``rule`` says
+    otherwise: the rules' own formulas. Smoothing and damping: tests/test_study_controller.py."""
+    kwargs.setdefault("rule", "proportional")
+    if "min_value" not in kwargs and kwargs["rule"] != "log":
+        kwargs["min_value"] = 0.0
+    return GlobalCoefficientController(initial, smoothing=0.0, damping=0.0, **kwargs)
+
+
 def _make(rule: str, lr: float | None = None) -> GlobalCoefficientController:
     if rule == "log":
-        return GlobalCoefficientController(1e-3, lr=lr, min_value=1e-5, max_value=1e-2, rule="log")
-    return GlobalCoefficientController(0.0, lr=lr, rule=rule)
+        return _raw(1e-3, lr=lr, min_value=1e-5, max_value=1e-2, rule="log")
+    return _raw(0.0, lr=lr, rule=rule)
 
 
-def test_defaults_are_llm_scale():
+def test_defaults_are_the_documented_ones():
+    # The module docstring's numbers: the damped log rule on a 0.9 average, alpha in [1e-4, 1e-2].
     c = GlobalCoefficientController()
-    assert c.value == 0.0 and c.min_value == 0.0
+    assert c.rule == "log" and c.lr == 0.05 and c.damping == 1.0 and c.smoothing == 0.9
+    assert c.value == c.integral == c.min_value == 1e-4
     assert c.max_value == DEFAULT_MAX_VALUE == 1e-2
-    assert c.lr == DEFAULT_LR["proportional"] == 1e-4
-    assert GlobalCoefficientController(rule="sign").lr == 1e-4
+    # The additive rules keep their own: lr 1e-4 in alpha units, a floor of 0, no damping.
+    for rule in ("proportional", "sign"):
+        c = GlobalCoefficientController(rule=rule)
+        assert (c.lr, c.min_value, c.value, c.damping) == (DEFAULT_LR[rule], 0.0, 0.0, 0.0) == (1e-4, 0.0, 0.0, 0.0)
 
 
 def test_proportional_formula():
-    c = GlobalCoefficientController(2e-3, lr=1e-3, max_value=1.0)
+    c = _raw(2e-3, lr=1e-3, max_value=1.0)
     # alpha += lr * (target - H) / target, by hand: 2e-3 + 1e-3 * (0.8 - 0.6) / 0.8 = 2.25e-3
     assert c.update(0.6, 0.8) == pytest.approx(2.25e-3, rel=1e-12)
     # 2.25e-3 + 1e-3 * (0.8 - 1.2) / 0.8 = 1.75e-3
@@ -46,32 +59,32 @@ def test_proportional_formula():
 
 
 def test_sign_formula():
-    c = GlobalCoefficientController(5e-4, lr=1e-4, rule="sign")
+    c = _raw(5e-4, lr=1e-4, rule="sign")
     assert c.update(0.1, 0.2) == pytest.approx(6e-4, rel=1e-12)
     assert c.update(0.3, 0.2) == pytest.approx(5e-4, rel=1e-12)
     assert c.update(0.2, 0.2) == pytest.approx(5e-4, rel=1e-12)  # on target: no move
 
 
 def test_log_formula():
-    c = GlobalCoefficientController(1e-3, lr=0.5, min_value=1e-6, max_value=1.0, rule="log")
+    c = _raw(1e-3, lr=0.5, min_value=1e-6, max_value=1.0, rule="log")
     # log alpha += 0.5 * (1 - 0.5) / 1  ->  alpha = 1e-3 * exp(0.25)
     assert c.update(0.5, 1.0) == pytest.approx(1e-3 * math.exp(0.25), rel=1e-12)
     assert c.update(3.0, 1.0) == pytest.approx(1e-3 * math.exp(0.25 - 1.0), rel=1e-12)
 
 
 def test_clipping_at_both_ends():
-    c = GlobalCoefficientController(0.0, lr=1.0, max_value=0.5)
+    c = _raw(0.0, lr=1.0, max_value=0.5)
     assert c.update(0.0, 1.0) == 0.5  # 0 + 1 * 1 -> clipped to 0.5
     assert c.update(10.0, 1.0) == 0.0  # 0.5 - 9 -> clipped to 0
-    c = GlobalCoefficientController(1e-3, lr=100.0, min_value=1e-4, max_value=1e-2, rule="log")
+    c = _raw(1e-3, lr=100.0, min_value=1e-4, max_value=1e-2, rule="log")
     assert c.update(0.0, 1.0) == 1e-2
     assert c.update(1e6, 1.0) == 1e-4
 
 
 def test_relative_error_makes_lr_scale_free():
     # Same relative error at entropy scales 10x apart gives the same step.
-    a = GlobalCoefficientController(0.0, lr=1e-3).update(0.4, 0.5)
-    b = GlobalCoefficientController(0.0, lr=1e-3).update(4.0, 5.0)
+    a = _raw(0.0, lr=1e-3).update(0.4, 0.5)
+    b = _raw(0.0, lr=1e-3).update(4.0, 5.0)
     assert a == pytest.approx(b, rel=1e-12) and a == pytest.approx(2e-4, rel=1e-12)
 
 
@@ -119,16 +132,21 @@ def test_state_round_trip_is_bit_exact(rule, seq, cut):
 
 
 def test_accepts_0d_tensors():
-    c = GlobalCoefficientController(0.0, lr=1e-3)
+    c = _raw(0.0, lr=1e-3)
     assert c.update(torch.tensor(0.5), torch.tensor(1.0, dtype=torch.float64)) == pytest.approx(5e-4)
 
 
 def test_metrics():
-    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c = _raw(1e-3, lr=1e-3)
     assert c.metrics() == {"aer/coef": 1e-3}
     c.update(0.75, 1.0)
     m = c.metrics(prefix="x/")
-    assert m == {"x/coef": pytest.approx(1.25e-3), "x/rel_error": pytest.approx(0.25)}
+    assert m == {"x/coef": pytest.approx(1.25e-3), "x/rel_error": pytest.approx(0.25), "x/entropy_smoothed": 0.75}
+    smoothed = GlobalCoefficientController(smoothing=0.5)
+    smoothed.update(1.0, 1.0)
+    # H_bar = 0.5 * 1.0 + 0.5 * 0.2 = 0.6; e = (1 - 0.6) / 1
+    assert smoothed.update(0.2, 1.0) and smoothed.metrics()["aer/entropy_smoothed"] == pytest.approx(0.6)
+    assert smoothed.metrics()["aer/rel_error"] == pytest.approx(0.4)
     assert all(isinstance(v, float) for v in m.values())
 
 
@@ -142,7 +160,8 @@ def test_metrics():
         (dict(max_value=float("inf")), "max_value"),
         (dict(initial=0.5), "initial"),
         (dict(rule="pid"), "rule"),
-        (dict(rule="log", initial=1e-3), "min_value"),
+        (dict(rule="log", initial=1e-3, min_value=0.0), "min_value"),
+        (dict(initial=1e-5), "initial"),  # below the log rule's default floor of 1e-4
         (dict(rule="log", initial=0.0, min_value=0.0), "min_value"),
     ],
 )
@@ -172,7 +191,7 @@ def test_bad_types():
     ],
 )
 def test_bad_update_leaves_state(entropy, target, name):
-    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c = _raw(1e-3, lr=1e-3)
     c.update(0.5, 1.0)
     before = c.state_dict()
     with pytest.raises((ValueError, TypeError), match=name):
@@ -183,13 +202,16 @@ def test_bad_update_leaves_state(entropy, target, name):
 @pytest.mark.parametrize(
     "state, name",
     [
-        ({"value": 0.5, "integral": 1e-3, "steps": 1, "last_error": None}, "value"),
-        ({"value": float("nan"), "integral": 1e-3, "steps": 1, "last_error": None}, "value"),
-        ({"value": 1e-3, "integral": 0.5, "steps": 1, "last_error": None}, "integral"),
-        ({"value": 1e-3, "integral": 1e-3, "steps": -1, "last_error": None}, "steps"),
-        ({"value": 1e-3, "integral": 1e-3, "steps": 1.5, "last_error": None}, "steps"),
-        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "last_error": float("inf")}, "last_error"),
-        ({"value": 1e-3, "integral": 1e-3, "steps": 1}, "last_error"),
+        ({"value": 0.5, "integral": 1e-3, "steps": 1, "last_error": None, "smoothed": None}, "'value'"),
+        ({"value": float("nan"), "integral": 1e-3, "steps": 1, "last_error": None, "smoothed": None}, "'value'"),
+        ({"value": 1e-3, "integral": 0.5, "steps": 1, "last_error": None, "smoothed": None}, "'integral'"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": -1, "last_error": None, "smoothed": None}, "'steps'"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1.5, "last_error": None, "smoothed": None}, "'steps'"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "last_error": float("inf"), "smoothed": None}, "'last_error'"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "last_error": 0.5, "smoothed": -0.1}, "'smoothed'"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "last_error": 0.5, "smoothed": float("nan")}, "'smoothed'"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "smoothed": None}, "last_error"),
+        ({"value": 1e-3, "integral": 1e-3, "steps": 1, "last_error": None}, "smoothed"),
         ({"value": 1e-3, "steps": 1, "last_error": None}, "integral"),
         ({"value": 1e-3, "steps": 1, "last_error": 0.5, "lr": 1.0}, "unknown"),  # strict like torch
         ({"value": 1e-3, "steps": 1, "last_error": 0.5, "extra": None}, "extra"),
@@ -200,7 +222,7 @@ def test_bad_update_leaves_state(entropy, target, name):
 )
 def test_bad_state_leaves_state(state, name):
     """A bad or unknown key, a missing one, a wrong kind: ValueError/TypeError naming it, state untouched."""
-    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c = _raw(1e-3, lr=1e-3)
     c.update(0.5, 1.0)
     before = c.state_dict()
     with pytest.raises((ValueError, TypeError), match=name):
@@ -216,7 +238,9 @@ def controllers(draw):
     if rule == "log" and lo == 0.0:
         lo = draw(st.sampled_from([5e-324, 1e-310, 1e-5]))
         hi = max(lo, hi)
-    return dict(initial=draw(st.sampled_from([lo, hi])), lr=draw(st.one_of(st.none(), finite)), min_value=lo, max_value=hi, rule=rule)
+    smoothing = draw(st.sampled_from([0.0, 5e-324, 0.5, 0.9, 1.0 - 2**-53]))
+    return dict(initial=draw(st.sampled_from([lo, hi])), lr=draw(st.one_of(st.none(), finite)), min_value=lo, max_value=hi, rule=rule,
+                smoothing=smoothing)
 
 
 @settings(max_examples=150, deadline=None)
@@ -231,10 +255,10 @@ def test_every_reachable_state_is_json_safe_and_resumes_exactly(config, calls):
 def test_tiny_target_keeps_the_state_finite():
     # Regression (issue 11): H / target overflowed, last_error = -inf, and the state could
     # neither be dumped with allow_nan=False nor loaded back.
-    c = GlobalCoefficientController(5e-3, lr=1e-4)
+    c = _raw(5e-3, lr=1e-4)
     assert c.update(1.0, 1e-310) == 0.0  # the full step down, clipped at min_value
     assert c.last_error == -sys.float_info.max
-    resumed = GlobalCoefficientController(5e-3, lr=1e-4)
+    resumed = _raw(5e-3, lr=1e-4)
     resumed.load_state_dict(json_round_trip(c.state_dict()))
     assert resumed.state_dict() == c.state_dict()
     assert resumed.update(0.5, 1.0) == c.update(0.5, 1.0) == pytest.approx(0.5e-4, rel=1e-12)
@@ -243,7 +267,7 @@ def test_tiny_target_keeps_the_state_finite():
 @pytest.mark.parametrize("rule", ["proportional", "sign", "log"])
 def test_huge_lr_times_error_stays_clipped(rule):
     # lr * e = -inf (and exp(-inf) = 0 for the log rule) must land on min_value, never NaN.
-    c = GlobalCoefficientController(1e-3, lr=sys.float_info.max, min_value=1e-5, max_value=1e-2, rule=rule)
+    c = _raw(1e-3, lr=sys.float_info.max, min_value=1e-5, max_value=1e-2, rule=rule)
     assert c.update(1.0, 1e-310) == 1e-5
     assert c.update(0.0, 1.0) == 1e-2
     json_round_trip(c.state_dict())
@@ -252,7 +276,7 @@ def test_huge_lr_times_error_stays_clipped(rule):
 @pytest.mark.parametrize("bad", [10**400, -(10**400)])
 def test_huge_python_ints_are_not_finite(bad):
     # Regression (issue 11): float(10**400) raised OverflowError (fails on d15f0c3; fixed by checks.py in 96176c8).
-    c = GlobalCoefficientController(1e-3, lr=1e-3)
+    c = _raw(1e-3, lr=1e-3)
     with pytest.raises(ValueError, match="entropy"):
         c.update(bad, 1.0)
     with pytest.raises(ValueError, match="target"):
@@ -264,5 +288,5 @@ def test_numbers_of_every_kind_are_numbers():
     kinds = [0.5, np.float32(0.5), np.float64(0.5), np.int64(1), torch.tensor(0.5, dtype=torch.bfloat16), np.array(0.5)]
     for h in kinds:
         for t in kinds:
-            c = GlobalCoefficientController(0.0, lr=1e-3, max_value=1.0)
+            c = _raw(0.0, lr=1e-3, max_value=1.0)
             assert c.update(h, t) == pytest.approx(max(1e-3 * (float(t) - float(h)) / float(t), 0.0), rel=1e-12, abs=1e-18)
