@@ -15,21 +15,25 @@ interrupted one loses only the runs in flight. Runs go to ``--jobs`` worker
 processes with one torch thread each.
 
 Arms (each setting): no entropy term; fixed coefficients on a log grid
-(:data:`FIXED_GRID`, from no effect to blow-up); AER with the library's
-defaults (``AERConfig()``); "AER (log PI)", the damped multiplicative
-controller chosen on the tuning setting (:data:`AER_LOG_PI`); and the sign
-rule with an absolute 0.2-nat target and uniform weights (Skywork-OR1 / TRL
-style). The first setting is the tuning one: only there, "AER (log PI)" minus
-each component (uniform allocation, an absolute 0.2-nat target, a frozen
-coefficient) and, with ``--tune``, the candidates of :data:`TUNING_ARMS`; the
-other settings are confirmation, never tuned on.
+(:data:`FIXED_GRID`, from no effect to blow-up); "AER", the library's
+defaults as they are (``AERConfig()``, alpha in the LLM range [1e-4, 1e-2]);
+"AER (toy range)", the same with alpha in [1e-3, 1], this policy's range
+(:data:`entropy_reg.demo.arms.TOY_RANGE`); and the sign rule on the raw
+entropy with an absolute 0.2-nat target and uniform weights (Skywork-OR1 / TRL
+style). The first setting is the tuning one: only there, "AER (toy range)"
+minus each component (uniform allocation, an absolute 0.2-nat target, a frozen
+coefficient) and, with ``--tune``, the controller candidates of
+:data:`TUNING_ARMS` (whose winner became the library's default controller);
+the other settings are confirmation, never tuned on.
 
 Metrics per run (held-out prompts fixed per task): final pass@1; pass@k for
 k = 1..64 from 64 samples per prompt (unbiased estimator); AUC = the mean
 held-out pass@1 over training (trapezoid over the evaluation steps, divided by
 the steps); late and minimum entropy (moving average over 5% of the run) as a
-fraction of H0; alpha's mean, its mean absolute step-to-step change and its
-coefficient of variation over the second half of the run (chatter). Each
+fraction of H0; alpha's mean, its mean absolute step-to-step change, that
+change over alpha's mean ("jitter", dimensionless: the chatter a user sees in
+alpha's plot) and its coefficient of variation over the second half of the
+run (slow swings). Each
 is reported as the mean over seeds with a 95% Student-t interval, and for
 pass@1, pass@64 and AUC also as the per-seed difference to the no-entropy arm
 (same warm start and data: the spread between warm starts cancels).
@@ -64,7 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package next to this script, installed or not
 
-from entropy_reg.demo.arms import LOG_PI, ArmSpec, CoefficientSource  # noqa: E402
+from entropy_reg.demo.arms import TOY_RANGE, ArmSpec, CoefficientSource  # noqa: E402
 from entropy_reg.demo.grpo import GRPOConfig, train_arm  # noqa: E402
 from entropy_reg.demo.policy import SIZES, PolicyConfig, TinyTransformer  # noqa: E402
 from entropy_reg.demo.report import COLLAPSE_FRACTION, moving_average, smoothing_window  # noqa: E402
@@ -82,30 +86,44 @@ SIGN_ARM = "sign rule (0.2-nat target)"
 GRPO = GRPOConfig(steps=150, eval_every=15, eval_prompts_per_bucket=16, eval_samples=4,
                   final_eval_samples=MAX_K, pass_k=tuple(range(1, MAX_K + 1)))
 WARM = WarmStartConfig()
-SEEDS = 5
+SEEDS = 10
 QUICK_GRPO = replace(GRPO, steps=3, prompts_per_step=4, group_size=4, eval_every=1, eval_prompts_per_bucket=2,
                      eval_samples=2, final_eval_samples=8, pass_k=tuple(range(1, 9)))
 QUICK_WARM = WarmStartConfig(steps=3, batch_size=16)
-# (task, named size): the first is the tuning setting; the second differs from it in both task
-# and size, the third in size only.
-SETTINGS = (("addition", "small"), ("digitsum", "large"), ("addition", "large"))
+# (task, named size): the first is the tuning setting (the one where entropy collapses within the
+# run, so the controller has something to do); the others are confirmation: the same task at the
+# other size, and the other task at both sizes.
+SETTINGS = (("digitsum", "small"), ("digitsum", "large"), ("addition", "small"), ("addition", "large"))
 QUICK_SETTINGS = (("addition", "small"), ("digitsum", "small"))
 # Held-out prompts: one fixed set per task, the same for every seed and arm.
 EVAL_SEED = 1_000_003
-# Controller candidates (AERConfig overrides), run with --tune on the tuning setting only.
-_LOG_PI = {k: v for k, v in LOG_PI.items() if k != "target_ratio"}  # the library's 0.5 x H0
-# The one with the highest mean AUC on the tuning setting (0.375, next 0.356; 5 seeds) is the
-# demo's LOG_PI, run as "AER (log PI)" in every setting.
-AER_LOG_PI = LOG_PI
+# Every controller candidate below pins each controller setting, so that it runs the same
+# controller whatever the library's defaults are (the cache key holds the resolved settings).
+# Alpha's range is TOY_RANGE throughout, the one scale-dependent setting (see entropy_reg.demo.arms).
+_RAW = {"coef_rule": "log", "coef_damping": 1.0, "coef_smoothing": 0.0, **TOY_RANGE}
+# Controller candidates (AERConfig overrides), run with --tune on the tuning setting only. The
+# first two are the controllers before this study, kept to measure alpha's chatter before and after.
+# Selection: the highest mean AUC (the rule fixed before the first eight ran picked "lr 0.1,
+# smoothing 0.9", 0.680); that one cycles on a plant answering 10 steps late
+# (tests/test_study_controller.py), so "lr 0.05, smoothing 0.9" was added and the rule became the
+# highest AUC among the candidates that hold that plant. It won (0.682 +/- 0.025; it would also
+# have won on AUC alone) and is AERConfig()'s controller: the "AER (toy range)" arm runs it.
 TUNING_ARMS: dict[str, dict[str, Any]] = {
-    # The demo's controller before this study: an integral rule on the raw entropy.
-    "integral, lr 0.02, max 0.3": {"coef_lr": 0.02, "coef_max": 0.3},
-    # Multiplicative PI: relative steps, so no setting depends on the loss scale.
-    "log PI, lr 0.1, damping 1, [1e-3, 1]": _LOG_PI,
-    "log PI, lr 0.1, damping 1, [1e-3, 1], target 0.75 H0": {**_LOG_PI, "target_ratio": 0.75},
-    "log PI, lr 0.3, damping 1, [1e-3, 1]": {**_LOG_PI, "coef_lr": 0.3},
-    "log PI, lr 0.3, damping 1, [1e-3, 1], target 0.75 H0": {**_LOG_PI, "coef_lr": 0.3, "target_ratio": 0.75},
+    "before: integral, lr 0.02, max 0.3": {"coef_rule": "proportional", "coef_lr": 0.02, "coef_init": 0.0,
+                                           "coef_min": 0.0, "coef_max": 0.3, "coef_damping": 0.0,
+                                           "coef_smoothing": 0.0},
+    "before: log PI, lr 0.1, target 0.75": {**_RAW, "coef_lr": 0.1, "target_ratio": 0.75},
+    "log PI, lr 0.1, smoothing 0.9": {**_RAW, "coef_lr": 0.1, "coef_smoothing": 0.9},
+    "log PI, lr 0.05, smoothing 0.9": {**_RAW, "coef_lr": 0.05, "coef_smoothing": 0.9},
+    "log PI, lr 0.3": {**_RAW, "coef_lr": 0.3},
+    "log PI, lr 0.3, smoothing 0.9": {**_RAW, "coef_lr": 0.3, "coef_smoothing": 0.9},
+    "log PI, lr 0.3, target 0.25": {**_RAW, "coef_lr": 0.3, "target_ratio": 0.25},
+    "log PI, lr 0.3, smoothing 0.9, target 0.25": {**_RAW, "coef_lr": 0.3, "coef_smoothing": 0.9,
+                                                   "target_ratio": 0.25},
+    "log I, lr 0.3, smoothing 0.9, target 0.25": {**_RAW, "coef_lr": 0.3, "coef_damping": 0.0,
+                                                  "coef_smoothing": 0.9, "target_ratio": 0.25},
 }
+AER_TOY = "AER (toy range)"
 
 
 def core_arms(ablations: bool) -> list[ArmSpec]:
@@ -114,17 +132,17 @@ def core_arms(ablations: bool) -> list[ArmSpec]:
         ArmSpec("no entropy", "none"),
         *(ArmSpec(f"fixed {c:g}", "fixed", c) for c in FIXED_GRID),
         ArmSpec("AER", "aer"),
-        ArmSpec("AER (log PI)", "aer", aer=AER_LOG_PI),
+        ArmSpec(AER_TOY, "aer", aer=TOY_RANGE),
         ArmSpec(SIGN_ARM, "aer", allocation=False, anchored=False,
                 aer={"coef_rule": "sign", "coef_lr": SIGN_LR, "coef_init": 0.0, "coef_min": 0.0, "coef_max": 1.0,
-                     "coef_damping": 0.0}),
+                     "coef_damping": 0.0, "coef_smoothing": 0.0}),
     ]
     if ablations:
         arms += [
-            ArmSpec("AER (log PI) - difficulty", "aer", allocation=False, aer=AER_LOG_PI),
-            ArmSpec("AER (log PI) - anchor", "aer", anchored=False, aer=AER_LOG_PI),
-            ArmSpec("AER (log PI) - controller", "aer", coef=FIXED_GRID[len(FIXED_GRID) // 2], adaptive=False,
-                    aer=AER_LOG_PI),
+            ArmSpec(f"{AER_TOY} - difficulty", "aer", allocation=False, aer=TOY_RANGE),
+            ArmSpec(f"{AER_TOY} - anchor", "aer", anchored=False, aer=TOY_RANGE),
+            # frozen at the grid's value nearest the mean alpha AER chose on the tuning setting (0.013)
+            ArmSpec(f"{AER_TOY} - controller", "aer", coef=FIXED_GRID[0], adaptive=False, aer=TOY_RANGE),
         ]
     return arms
 
@@ -166,7 +184,7 @@ class Job:
         task = load_task(self.task)
         payload = {"task": self.task, "task_key": task.key(), "size": list(self.size), "kind": self.arm.kind,
                    "coef": self.arm.coef if self.arm.kind == "fixed" else None,
-                   "aer": self.arm.aer_config(AERConfig()).to_dict() if self.arm.kind == "aer" else None,
+                   "aer": self.arm.aer_config(AERConfig()).resolved().to_dict() if self.arm.kind == "aer" else None,
                    "seed": self.seed, "grpo": asdict(self.grpo), "warm": asdict(self.warm),
                    "eval_seed": EVAL_SEED, "torch": torch.__version__}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -242,7 +260,16 @@ def run_metrics(record: dict[str, Any]) -> dict[str, Any]:
         "alpha_mean": mean(coef),
         "alpha_step": mean(abs(b - a) for a, b in zip(coef, coef[1:])) if len(coef) > 1 else 0.0,
         "alpha_cv_late": _cv(coef[len(coef) // 2:]),
+        "alpha_jitter": _jitter(coef),
     }
+
+
+def _jitter(coef: list[float]) -> float:
+    """alpha's mean absolute step-to-step change over its mean (dimensionless); 0 when alpha is 0."""
+    m = math.fsum(coef) / len(coef)
+    if m == 0.0 or len(coef) < 2:
+        return 0.0
+    return math.fsum(abs(b - a) for a, b in zip(coef, coef[1:])) / (len(coef) - 1) / m
 
 
 def _cv(xs: list[float]) -> float:
@@ -268,7 +295,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 PAIRED = ("pass@1", "pass@kmax", "auc")
-SCALARS = ("pass@1", "pass@kmax", "auc", "H_late/H0", "H_min/H0", "alpha_mean", "alpha_step", "alpha_cv_late")
+SCALARS = ("pass@1", "pass@kmax", "auc", "H_late/H0", "H_min/H0", "alpha_mean", "alpha_step", "alpha_jitter",
+           "alpha_cv_late")
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -300,22 +328,32 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+GOAL_METRICS = ("pass@1", "pass@kmax", "auc")
+
+
+def best_fixed(rows: dict[str, Any], metric: str) -> tuple[str, float] | None:
+    """The fixed arm with the highest mean ``metric`` and the lower end of its 95% interval."""
+    fixed = [a for a in rows if a.startswith("fixed ")]
+    if not fixed:
+        return None
+    best = max(fixed, key=lambda f: rows[f][metric][0])
+    return best, rows[best][metric][0] - rows[best][metric][1]
+
+
 def goal_check(rows: dict[str, Any], kmax: int, aer: str = "AER") -> list[str]:
     """Lines saying where ``aer`` stands against the best fixed coefficient (unpaired intervals)
     and against no entropy term (the per-seed difference, when the rows have it)."""
-    fixed = {a: r for a, r in rows.items() if a.startswith("fixed ")}
-    if aer not in rows or not fixed:
+    if aer not in rows or best_fixed(rows, "auc") is None:
         return []
     a = rows[aer]
     lines = []
     names = {"pass@1": "pass@1", "pass@kmax": f"pass@{kmax}", "auc": "AUC"}
-    for m in ("pass@1", "pass@kmax", "auc"):
-        best = max(fixed, key=lambda f: fixed[f][m][0])
-        lo = fixed[best][m][0] - fixed[best][m][1]
+    for m in GOAL_METRICS:
+        best, lo = best_fixed(rows, m)  # type: ignore[misc]
         ok = a[m][0] >= lo
         verdict = "within or above its interval" if ok else f"BELOW its interval by {lo - a[m][0]:.3f}"
-        lines.append(f"- {names[m]}: {aer} {a[m][0]:.3f} vs best fixed ({best}) {fixed[best][m][0]:.3f} "
-                     f"± {fixed[best][m][1]:.3f}: {verdict}")
+        lines.append(f"- {names[m]}: {aer} {a[m][0]:.3f} vs best fixed ({best}) {rows[best][m][0]:.3f} "
+                     f"± {rows[best][m][1]:.3f}: {verdict}")
     if "no entropy" in rows:
         n = rows["no entropy"]
         for m in ("pass@kmax", "auc"):
@@ -328,21 +366,49 @@ def goal_check(rows: dict[str, Any], kmax: int, aer: str = "AER") -> list[str]:
     return lines
 
 
+def goal_table(summary: dict[str, dict[str, Any]], kmax: int, aer: str) -> list[str]:
+    """One markdown row per setting: ``aer`` against the best fixed coefficient of each metric
+    ("by x": below that arm's 95% interval by x) and the per-seed difference to no entropy."""
+    names = {"pass@1": "pass@1", "pass@kmax": f"pass@{kmax}", "auc": "AUC"}
+    lines = [f"| setting | {' | '.join(f'{names[m]} vs best fixed' for m in GOAL_METRICS)} "
+             f"| pass@{kmax} - no entropy | AUC - no entropy |", "|---" * 6 + "|"]
+    for setting, rows in summary.items():
+        if aer not in rows or best_fixed(rows, "auc") is None:
+            continue
+        a, cells = rows[aer], []
+        for m in GOAL_METRICS:
+            best, lo = best_fixed(rows, m)  # type: ignore[misc]
+            verdict = "within" if a[m][0] >= lo else f"below by {lo - a[m][0]:.3f}"
+            cells.append(f"{a[m][0]:.3f} vs {rows[best][m][0]:.3f} ({best}): {verdict}")
+        for m in ("pass@kmax", "auc"):
+            cells.append(f"{a['vs_none'][m][0]:+.3f} ± {a['vs_none'][m][1]:.3f}" if "vs_none" in a else "-")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# alpha itself is often a few 1e-3 (the controller near its floor): more digits than the rates.
+_DIGITS = {"alpha_mean": 4, "alpha_step": 4}
+
+
 def format_markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     kmax = meta["grpo"]["pass_k"][-1]
     cols = [("pass@1", "pass@1"), ("pass@kmax", f"pass@{kmax}"), ("auc", "AUC"), ("H_late/H0", "H late/H0"),
             ("H_min/H0", "H min/H0"), ("alpha_mean", "alpha mean"), ("alpha_step", "alpha step"),
-            ("alpha_cv_late", "alpha CV late")]
+            ("alpha_jitter", "alpha jitter"), ("alpha_cv_late", "alpha CV late")]
     lines = ["# AER sensitivity study", "", f"`{meta['command']}`", "",
              f"{meta['steps']} GRPO steps per run, {meta['seeds']} seeds, mean ± 95% t-interval over seeds. "
              f"Machine: {meta['machine']}. The runs took {meta['run_wall_s_total']:.0f} s of wall time "
              f"in all (summed over runs, one torch thread each, as they ran when first computed).",
              "Tuning setting (defaults chosen here): " + meta["tuning_setting"] + "; the others are confirmation.", ""]
+    for aer in (AER_TOY, "AER"):
+        table = goal_table(summary, kmax, aer)
+        if len(table) > 2:
+            lines += [f"## Goal check: {aer}", "", *table, ""]
     for setting, rows in summary.items():
         lines += [f"## {setting}", "", "| arm | " + " | ".join(c[1] for c in cols)
                   + " | AUC - no entropy, paired | collapsed |", "|---" * (len(cols) + 3) + "|"]
         for arm, r in rows.items():
-            cells = [f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m, _ in cols]
+            cells = [f"{r[m][0]:.{_DIGITS.get(m, 3)}f} ± {r[m][1]:.{_DIGITS.get(m, 3)}f}" for m, _ in cols]
             paired = f"{r['vs_none']['auc'][0]:+.3f} ± {r['vs_none']['auc'][1]:.3f}" if "vs_none" in r else "-"
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {paired} | {r['collapsed']}/{r['seeds']} |")
         lines.append("")
@@ -372,7 +438,7 @@ def plot(path: Path, summary: dict[str, dict[str, Any]], kmax: int) -> None:
                 ax.errorbar(xs, [r[m][0] for _, r in fixed], yerr=[r[m][1] for _, r in fixed], marker="o",
                             color="tab:blue", capsize=3, label="fixed coefficient")
                 ax.set_xscale("log")
-            for aer, color in (("AER", "tab:red"), ("AER (log PI)", "tab:green")):
+            for aer, color in (("AER", "tab:red"), (AER_TOY, "tab:green")):
                 if aer in rows:
                     mu, hw = rows[aer][m]
                     ax.axhspan(mu - hw, mu + hw, color=color, alpha=0.2, label=f"{aer} (95% interval)")
@@ -529,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": grpo.steps, "seeds": len(seeds), "jobs": args.jobs, "threads": args.threads,
             "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.platform()}",
             "torch": torch.__version__, "tuning_setting": jobs[0].setting, "grpo": asdict(grpo), "warm": asdict(warm),
-            "fixed_grid": list(FIXED_GRID), "aer_defaults": AERConfig().to_dict(), "tuning_arms": TUNING_ARMS}
+            "fixed_grid": list(FIXED_GRID), "aer_defaults": AERConfig().resolved().to_dict(), "tuning_arms": TUNING_ARMS}
 
     def write() -> None:
         records.sort(key=lambda r: order[(r["setting"], r["arm"], r["seed"])])

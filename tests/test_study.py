@@ -51,6 +51,7 @@ def test_run_metrics_by_hand() -> None:
     assert m["alpha_mean"] == pytest.approx((0.1 + 0.3 + 0.2 * 17) / 20)
     assert m["alpha_step"] == pytest.approx((0.1 + 0.2 + 0.1) / 19)
     assert m["alpha_cv_late"] == 0.0  # constant over the second half
+    assert m["alpha_jitter"] == pytest.approx(((0.1 + 0.2 + 0.1) / 19) / ((0.1 + 0.3 + 0.2 * 17) / 20))
     record["history"]["coef"] = [0.0] * 10 + [0.1, 0.3] * 5
     assert aer_study.run_metrics(record)["alpha_cv_late"] == pytest.approx(0.1 / 0.2)
 
@@ -73,6 +74,11 @@ def test_goal_check_says_where_aer_loses() -> None:
     assert "fixed 0.01" in lines[2] and "BELOW its interval by 0.100" in lines[2]
     assert "pass@64: AER above no entropy by +0.150" in lines[3]
     assert "AUC: AER NOT above no entropy by -0.020" in lines[4]
+    # The same verdicts in the cross-setting table (no per-seed pairs here: "-").
+    table = aer_study.goal_table({"t / small": rows, "u / large": {"no entropy": rows["no entropy"]}}, 64, "AER")
+    assert len(table) == 3  # header, rule, one setting (the other has no AER row)
+    assert table[2] == ("| t / small | 0.640 vs 0.700 (fixed 0.1): below by 0.010 | 0.950 vs 0.900 (fixed 0.01): within "
+                        "| 0.380 vs 0.500 (fixed 0.01): below by 0.100 | - | - |")
 
 
 def _record(arm: str, seed: int, pass1: float, auc_steps: list[float]) -> dict:
@@ -98,12 +104,18 @@ def test_summary_pairs_arms_with_no_entropy_by_seed() -> None:
                               "fixed 0.1": _row(0.5, 0.1, 0.5, 0.5)}, 2))
 
 
-def test_the_chosen_aer_is_a_tuning_candidate_and_the_demos() -> None:
-    from entropy_reg.demo.arms import DEMO_AER
+def test_the_library_default_is_the_chosen_candidate_and_the_demo_differs_only_in_range() -> None:
+    from entropy_reg.demo.arms import DEMO_AER, TOY_RANGE
     from entropy_reg.regularizer import AERConfig
 
-    assert aer_study.AER_LOG_PI in aer_study.TUNING_ARMS.values()
-    assert AERConfig(**aer_study.AER_LOG_PI) == DEMO_AER
+    chosen = AERConfig(**aer_study.TUNING_ARMS["log PI, lr 0.05, smoothing 0.9"]).resolved()
+    assert AERConfig(**TOY_RANGE).resolved() == chosen == DEMO_AER.resolved()
+    # Outside the range, the library's defaults are the chosen controller.
+    assert AERConfig().resolved() == AERConfig(**{**chosen.to_dict(), "coef_init": 1e-4, "coef_min": 1e-4,
+                                                  "coef_max": 1e-2})
+    # Every candidate pins the whole controller, so a change of the defaults cannot change it.
+    for cfg in aer_study.TUNING_ARMS.values():
+        assert {"coef_rule", "coef_lr", "coef_init", "coef_min", "coef_max", "coef_damping", "coef_smoothing"} <= set(cfg)
 
 
 def test_load_task_by_name_and_by_module_factory() -> None:
