@@ -300,3 +300,21 @@ def test_cuda_end_to_end():
     h = masked_mean(ent.detach(), mask)
     assert h.device.type == "cuda"
     reg.update(h)
+
+
+def test_resolved_fills_each_none_with_the_rules_default():
+    # The documented defaults by rule (entropy_reg.controller's docstring).
+    log = AERConfig().resolved()
+    assert (log.coef_rule, log.coef_lr, log.coef_damping, log.coef_smoothing) == ("log", 0.05, 1.0, 0.9)
+    assert log.coef_init == log.coef_min == 1e-4 and log.coef_max == 1e-2
+    add = AERConfig(coef_rule="proportional", coef_min=1e-3).resolved()
+    assert (add.coef_lr, add.coef_damping, add.coef_init, add.coef_min) == (1e-4, 0.0, 1e-3, 1e-3)
+    # Already resolved: unchanged; and a regularizer built from either holds the same controller.
+    assert log.resolved() == log
+    a, b = AdaptiveEntropyRegularizer(AERConfig()), AdaptiveEntropyRegularizer(log)
+    for h in (1.0, 0.4, 0.3, 0.2):
+        assert a.update(h) == b.update(h)
+    assert a.state_dict() == b.state_dict()
+    # A bad setting fails in resolved() as it would in the regularizer, naming the argument.
+    with pytest.raises(ValueError, match="min_value"):
+        AERConfig(coef_min=0.0).resolved()
