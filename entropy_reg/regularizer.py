@@ -75,7 +75,7 @@ class AERConfig:
     coef_damping: float | None = None
     coef_smoothing: float = DEFAULT_SMOOTHING
 
-    def controller(self) -> GlobalCoefficientController:
+    def make_controller(self) -> GlobalCoefficientController:
         """A new :class:`GlobalCoefficientController` with these settings."""
         return GlobalCoefficientController(
             self.coef_init, lr=self.coef_lr, min_value=self.coef_min, max_value=self.coef_max, rule=self.coef_rule,
@@ -84,7 +84,7 @@ class AERConfig:
 
     def resolved(self) -> AERConfig:
         """These settings with each None replaced by the value the controller takes for it."""
-        c = self.controller()
+        c = self.make_controller()
         return replace(self, coef_init=c.value, coef_lr=c.lr, coef_min=c.min_value, coef_damping=c.damping)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class AdaptiveEntropyRegularizer:
             final_ratio=cfg.final_ratio,
             schedule_steps=cfg.schedule_steps,
         )
-        self.controller = cfg.controller()
+        self.controller = cfg.make_controller()
         self.last_entropy: float | None = None
 
     @property
