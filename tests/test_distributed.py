@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from entropy_reg.distributed import all_reduce_sum, as_count, as_scalar, masked_mean
+from tests.ranks import run_ranks
 
 WORLD = 3
 STEPS = 4
@@ -65,12 +63,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reference_mean(ranks, step) -> float:
     total, count = 0.0, 0
     for r in ranks:
@@ -84,28 +76,7 @@ def _reference_mean(ranks, step) -> float:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    # forkserver: a fresh server imports torch once and forks the ranks (spawn would import it
-    # once per rank; fork would copy the test process's thread pools).
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "entropy_reg.regularizer", "entropy_reg.distributed"])
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, WORLD, port, str(out))) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=60)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("a rank hung")
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    run_ranks(_worker, WORLD, [str(out)], ["torch", "entropy_reg.regularizer", "entropy_reg.distributed"], timeout=60)
     res = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(WORLD)]
     for r in res:
         assert "error" not in r, r["error"]

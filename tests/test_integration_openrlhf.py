@@ -23,7 +23,6 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
-import socket
 import sys
 import types
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from entropy_reg.integrations.openrlhf import (
     verifier_scores,
 )
 from entropy_reg.regularizer import AdaptiveEntropyRegularizer, AERConfig
+from tests.ranks import run_ranks
 
 N_SAMPLES = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -746,12 +746,6 @@ def test_the_classes_are_openrlhf_0_11_2s():
 # ---------------------------------------------------------------- two gloo ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -783,30 +777,10 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_one_update_and_empty_windows(tmp_path, o):
-    import torch.multiprocessing as mp
-
-    # forkserver: each rank is a fresh process; the heavy libraries OpenRLHF imports are preloaded once.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "ray", "entropy_reg.integrations.openrlhf"])
-    threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=240)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("a rank hung")
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    finally:
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads
+    # The heavy libraries OpenRLHF imports are preloaded once in the forkserver.
+    codes = run_ranks(_rank, 2, [str(tmp_path)],
+                      ["torch", "transformers", "peft", "ray", "entropy_reg.integrations.openrlhf"], timeout=240)
+    assert codes == [0, 0], codes
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # 1. Reference: the token mean of both ranks' micro-batches, in float64.
     total = count = 0.0

@@ -8,7 +8,6 @@ references over the full vocabulary, written from the formulas.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from entropy_reg import token_entropy, token_logprobs_and_entropy
 from entropy_reg.linear import linear_token_entropy
 from entropy_reg.partials import merge_parts
+from tests.ranks import free_port
 from tests.reference import entropy_f64, logprob_f64
 
 F64 = torch.float64
@@ -76,12 +76,6 @@ def test_merge_parts_empty_part_has_weight_zero():
 
 
 # ---------------------------------------------------------------- multi-process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _CountCollectives:
@@ -228,7 +222,7 @@ def test_vocab_parallel_matches_full_vocabulary(world):
     # initialized here: autograd's device threads make a forked child's backward fail.
     fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
     method = "fork" if fork else "spawn"
-    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=True, start_method=method)
+    mp.start_processes(_worker, args=(world, free_port()), nprocs=world, join=True, start_method=method)
 
 
 def test_process_group_needs_initialized_distributed():
