@@ -246,6 +246,8 @@ def run_metrics(record: dict[str, Any]) -> dict[str, Any]:
     h0 = h[0]
     collapse = next((s for s, v in zip(history["step"], smooth) if v < COLLAPSE_FRACTION * h0), None)
     coef = history["coef"]
+    alpha_mean = mean(coef)
+    alpha_step = mean(abs(b - a) for a, b in zip(coef, coef[1:])) if len(coef) > 1 else 0.0
     steps, p1 = history["eval_step"], history["eval_pass1"]
     auc = sum((steps[i + 1] - steps[i]) * (p1[i] + p1[i + 1]) / 2 for i in range(len(steps) - 1)) / steps[-1]
     return {
@@ -257,19 +259,12 @@ def run_metrics(record: dict[str, Any]) -> dict[str, Any]:
         "H_late/H0": smooth[-1] / h0,
         "H_min/H0": min(smooth) / h0,
         "collapsed": collapse is not None,
-        "alpha_mean": mean(coef),
-        "alpha_step": mean(abs(b - a) for a, b in zip(coef, coef[1:])) if len(coef) > 1 else 0.0,
+        "alpha_mean": alpha_mean,
+        "alpha_step": alpha_step,
+        # the step over the mean: dimensionless, so arms whose alpha differs tenfold compare
+        "alpha_jitter": alpha_step / alpha_mean if alpha_mean > 0.0 else 0.0,
         "alpha_cv_late": _cv(coef[len(coef) // 2:]),
-        "alpha_jitter": _jitter(coef),
     }
-
-
-def _jitter(coef: list[float]) -> float:
-    """alpha's mean absolute step-to-step change over its mean (dimensionless); 0 when alpha is 0."""
-    m = math.fsum(coef) / len(coef)
-    if m == 0.0 or len(coef) < 2:
-        return 0.0
-    return math.fsum(abs(b - a) for a, b in zip(coef, coef[1:])) / (len(coef) - 1) / m
 
 
 def _cv(xs: list[float]) -> float:
