@@ -12,7 +12,8 @@ One run does everything a lent GPU is for, in order of value, inside a time budg
    non-contiguous views, N*V past 2**31, the in-place backward);
 5. timings (triton.testing.do_bench medians) of token_entropy and
    token_logprobs_and_entropy (forward, forward+backward, in-place backward) against
-   the naive formula (eager and torch.compile) and its chunked variant, with peak
+   the naive formula (eager and torch.compile), its chunked variant and TRL 1.16's fused
+   log-prob + entropy kernel (when trl imports), with peak
    extra memory, at N in {4096, 8192, 16384} x V in {32000, 151936, 262144} x {bf16, fp32};
 6. the fused lm_head benchmark (benchmarks/bench_linear.py), when present.
 
@@ -329,6 +330,18 @@ def check_compile() -> dict[str, Any]:
 # ---------------------------------------------------------------- timings
 
 
+def trl_peer(labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """TRL 1.16's fused Triton log-prob + entropy kernel (``trl.kernels.selective_log_softmax_and_entropy``)
+    as log p + H, the quantity ``logp_entropy`` times; None without CUDA or TRL."""
+    if not CUDA:
+        return None
+    try:
+        from trl.kernels import selective_log_softmax_and_entropy as trl_kernel
+    except ImportError:
+        return None
+    return lambda t: sum(trl_kernel(t, labels))
+
+
 def time_case(n: int, v: int, dtype: torch.dtype, quick: bool, budget: Budget, compiled: dict) -> dict[str, Any]:
     x = (torch.randn(n, v, device=DEV) * 3).to(dtype)
     labels = torch.randint(0, v, (n,), device=DEV)
@@ -363,6 +376,9 @@ def time_case(n: int, v: int, dtype: torch.dtype, quick: bool, budget: Budget, c
     peers = {"naive": naive, "naive_chunked": naive_chunked}
     if "naive_compiled" in compiled:
         peers["naive_compiled"] = compiled["naive_compiled"]
+    trl = trl_peer(labels)
+    if trl is not None:
+        peers["trl_logp_entropy"] = trl
     for name, f in peers.items():
         cases[f"fwd_{name}"] = (lambda f=f: f(x))
         cases[f"fwdbwd_{name}"] = fwd_bwd(f)

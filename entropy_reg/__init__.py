@@ -17,7 +17,7 @@ from .linear import linear_token_entropy
 from .regularizer import AdaptiveEntropyRegularizer, AERConfig
 from .target import AnchoredTarget
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "token_entropy",

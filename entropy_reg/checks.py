@@ -5,7 +5,7 @@
   Values too large for a float (``10**400``) are "not finite", never an
   OverflowError.
 - A *count* is an integral number (Python or numpy int, or a one-element integer
-  tensor / array); ``2.0`` is not a count.
+  tensor / array) that fits int64; ``2.0`` is not a count, ``10**30`` is out of range.
 - A *flag* is ``True`` or ``False`` (Python or numpy bool); ``"no"`` and ``1`` are not.
 - A *sequence* is anything registered as ``collections.abc.Sequence`` (list,
   tuple, ``range``, ...) except text (``str``, ``bytes``); tensors and arrays are
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_scalar", "as_count", "as_flag", "as_sequence", "as_state", "check_float_tensor", "check_mask_like", "flat_rows"]
+__all__ = ["as_scalar", "as_count", "inverse_temperature", "as_flag", "as_sequence", "as_state", "check_float_tensor", "check_mask_like", "flat_rows"]
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -69,23 +70,59 @@ def as_scalar(
         out = float(value)
     except OverflowError:
         out = math.inf if value > 0 else -math.inf
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value if isinstance(value, numbers.Integral) else out}")
+    # Comparisons, not math.isfinite: under torch.compile a varying float argument is a symbolic
+    # float, which comparisons guard on and math.* cannot trace (a graph break).
+    if not abs(out) <= sys.float_info.max:
+        raise ValueError(f"{name} must be finite, got {_shown(value if isinstance(value, numbers.Integral) else out)}")
     if low is not None and (out < low or (out == low and not low_inclusive)):
         bound = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name} must be {bound} {low}, got {out}")
+        raise ValueError(f"{name} must be {bound} {low}, got {_shown(out)}")
     if high is not None and out > high:
-        raise ValueError(f"{name} must be <= {high}, got {out}")
+        raise ValueError(f"{name} must be <= {high}, got {_shown(out)}")
     return out
 
 
+def _shown(value: Any) -> str:
+    # A symbolic float (torch.compile) cannot be formatted while tracing.
+    return "a traced value" if torch.compiler.is_compiling() else str(value)
+
+
+# The temperatures every kernel serves: 1 / T and log2(e) / T stay normal float32 numbers, and a
+# row spread past float32's range (x - max x overflows) holds only probabilities that are exactly
+# 0 at T <= 1e30 (exp(-3.4e38 / 1e30) underflows even float64).
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
+
+def inverse_temperature(temperature: Any) -> float:
+    """1 / T for a temperature ``T`` in ``TEMPERATURE_RANGE`` (a number; a constant, never learned).
+
+    Raises ValueError naming ``temperature`` outside the range, and for a tensor that
+    requires grad: the kernels take T as a constant and return no gradient for it.
+    """
+    if isinstance(temperature, Tensor) and temperature.requires_grad:
+        raise ValueError(
+            "temperature must be a constant: got a tensor that requires grad, and no gradient flows to it "
+            "(pass temperature.detach() or a float)"
+        )
+    low, high = TEMPERATURE_RANGE
+    return 1.0 / as_scalar(temperature, "temperature", low=low, high=high)
+
+
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
 def as_count(value: Any, name: str, *, low: int | None = 0) -> int:
-    """``value`` as a Python int >= ``low`` (no lower bound when ``low`` is None); integral kinds only."""
+    """``value`` as a Python int >= ``low`` (no lower bound when ``low`` is None) that fits int64.
+
+    Integral kinds only; every count meets tensors, so one outside int64 is a ValueError.
+    """
     value = _unwrap(value, name)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"{name} must fit in int64 [{INT64_RANGE[0]}, {INT64_RANGE[1]}], got {value}")
     return int(value)
 
 
@@ -184,10 +221,12 @@ def _check_rows_tensor(name: str, t: Tensor, like: Tensor, like_name: str, dtype
 
 
 def _check_label_range(labels: Tensor, valid: Tensor, vocab: int, ignore_index: int) -> None:
-    # A data-dependent check; skipped while torch.compile traces (it would break the graph).
-    if torch.compiler.is_compiling() or labels.numel() == 0:
-        return
+    message = f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
     bad = valid & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        first = int(labels[bad][0])
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {first}")
+    if torch.compiler.is_compiling():
+        # In the graph: reading the result on the host would break it. torch raises a RuntimeError
+        # with this message when the graph runs (on CUDA, a device-side assert).
+        torch._assert_async(~bad.any(), message)
+        return
+    if labels.numel() and bool(bad.any()):
+        raise ValueError(f"{message}, found {int(labels[bad][0])}")

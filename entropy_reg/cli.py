@@ -1,6 +1,6 @@
 """The ``entropy-reg`` console command.
 
-Subcommands:
+``entropy-reg --version`` prints the installed version. Subcommands:
 
 - ``entropy-reg demo [--quick] [--steps N] [--seeds N] [--device cuda] [--out DIR] [--ablate]``:
   the CPU demo of entropy collapse and AER (needs ``pip install 'entropy-reg[demo]'``).
@@ -13,7 +13,10 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="entropy-reg", description="Adaptive Entropy Regularization tools.")
+    parser.add_argument("--version", action="version", version=f"entropy-reg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     # Importing the demo's argument definitions pulls in torch only, not matplotlib or tqdm.
     from .demo import add_arguments, run

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, vocab_parallel
-from .checks import as_count, as_flag, as_scalar, check_float_tensor, flat_rows
+from .checks import as_count, as_flag, check_float_tensor, flat_rows, inverse_temperature
 from .ops import logprobs_entropy
 
 
@@ -34,8 +34,9 @@ def token_entropy(
             for gradcheck and references); any strides (a copy is made only when
             the last dimension is not contiguous or the leading dimensions cannot
             be read as at most two strided dimensions).
-        temperature: T > 0, any real number (Python, numpy or one-element
-            tensor); the gradient includes the 1/T factor.
+        temperature: T in ``[1e-30, 1e30]`` (``checks.TEMPERATURE_RANGE``; others raise
+            ValueError), any real number (Python, numpy or one-element tensor not
+            requiring grad: T is a constant); the gradient includes the 1/T factor.
         mask: optional bool ``[...]``; False rows are never read, give 0 and get
             gradient 0.
         backend: "torch", "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``) or
@@ -75,7 +76,8 @@ def token_logprobs_and_entropy(
     ``labels[...]`` holds vocabulary ids; rows whose label is ``ignore_index``
     (an int) behave as masked rows for both outputs (0, gradient 0, never read,
     their label not checked). An id outside ``[0, V)`` on an active row raises
-    ValueError on the CPU and the torch backend; the
+    ValueError on the CPU and the torch backend (under ``torch.compile``, a
+    RuntimeError from an in-graph ``torch._assert_async``); the
     Triton backend on CUDA returns NaN for that row's log-prob instead (checking
     would cost a host sync every call). When both
     outputs carry gradients, one backward pass forms the combined gradient
@@ -110,7 +112,7 @@ def _logprobs_entropy(
     vocab = logits.shape[-1]
     if process_group is not None:
         vocab *= vocab_parallel.group_layout(process_group)[1]  # labels are global ids
-    inv_temp = 1.0 / as_scalar(temperature, "temperature", low=0.0, low_inclusive=False)
+    inv_temp = inverse_temperature(temperature)
     ignore_index = as_count(ignore_index, "ignore_index", low=None)
     inplace_backward = as_flag(inplace_backward, "inplace_backward") and logits.requires_grad
     backend = kernels.resolve(backend, logits.device, logits.dtype)

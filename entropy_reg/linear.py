@@ -52,8 +52,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .checks import as_count, as_scalar, check_float_tensor, flat_rows
-from .kernels import compute_dtype
+from .checks import as_count, check_float_tensor, flat_rows, inverse_temperature
+from .kernels import compute_dtype, scaled_gap
 from .partials import label_logits, localize, merge_parts, part_backward, part_stats
 from .vocab_parallel import group_layout, merge_over_group
 
@@ -93,7 +93,7 @@ def linear_token_entropy(
         weight: ``[V, D]`` same dtype and device (``nn.Linear`` layout).
         labels: optional ``[...]`` integer vocabulary ids; ``ignore_index`` rows
             behave as masked rows for both outputs.
-        temperature: T > 0; gradients include the 1/T factor.
+        temperature: T in ``[1e-30, 1e30]`` (as ``token_entropy``); gradients include the 1/T factor.
         mask: optional bool ``[...]``; False rows cost nothing, give 0 and get
             gradient 0.
         bias: optional ``[V]``, same dtype; -inf entries are legal.
@@ -113,11 +113,11 @@ def linear_token_entropy(
         differentiable with respect to hidden, weight and bias.
 
     Under autocast, hidden, weight and bias are cast to the autocast dtype first, as
-    autocast would cast the inputs of the ``nn.Linear`` this replaces.
+    autocast would cast the inputs of the ``nn.Linear`` this replaces (float64 stays float64).
     """
     hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_linear(hidden, weight, bias)
-    inv_temp = 1.0 / as_scalar(temperature, "temperature", low=0.0, low_inclusive=False)
+    inv_temp = inverse_temperature(temperature)
     ignore_index = as_count(ignore_index, "ignore_index", low=None)
     if chunk_size is not None:
         chunk_size = as_count(chunk_size, "chunk_size", low=1)
@@ -141,7 +141,8 @@ def _autocast(*ts: Tensor | None) -> tuple[Tensor | None, ...]:
     if not torch.is_autocast_enabled(dev):
         return ts
     dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in ts)
+    # autocast casts an nn.Linear's float32 / float16 / bfloat16 inputs and leaves float64 alone
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t for t in ts)
 
 
 def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -213,7 +214,7 @@ def _forward(
     if group is not None:
         stats, entropy, logp = merge_over_group(stats, entropy, x_y, owned, vocab, inv_temp, group)
     else:
-        logp = (x_y - stats[0]) * inv_temp - stats[1] if labels is not None else None
+        logp = scaled_gap(x_y, stats[0], inv_temp) - stats[1] if labels is not None else None
     if active is not None:
         entropy = torch.where(active, entropy, 0.0)
         logp = torch.where(active, logp, 0.0) if logp is not None else None
@@ -357,22 +358,9 @@ def _(hidden, weight, bias, labels, active, inv_temp, backend, chunk, block):
 
 @torch.library.custom_op("entropy_reg::linear_logprobs_entropy_backward", mutates_args=())
 def linear_logprobs_entropy_backward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
-    backend: str,
-    chunk: int,
-    block: int,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor | None, active: Tensor | None,
+    stats: Tensor, entropy: Tensor, grad_logp: Tensor | None, grad_entropy: Tensor | None, inv_temp: float,
+    backend: str, chunk: int, block: int, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias); an empty tensor for each one not needed."""
     rows = kernels.Rows(labels, active, inv_temp)

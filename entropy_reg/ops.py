@@ -50,15 +50,8 @@ def _run_backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, i
 
 @torch.library.custom_op("entropy_reg::logprobs_entropy_backward", mutates_args=())
 def logprobs_entropy_backward(
-    x3: Tensor,
-    labels: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
-    backend: str,
+    x3: Tensor, labels: Tensor | None, active: Tensor | None, stats: Tensor, entropy: Tensor,
+    grad_logp: Tensor | None, grad_entropy: Tensor | None, inv_temp: float, backend: str,
 ) -> Tensor:
     """dL/dx3 as a new contiguous tensor of x3's shape and dtype."""
     out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
@@ -73,15 +66,8 @@ def _(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, bac
 
 @torch.library.custom_op("entropy_reg::logprobs_entropy_backward_", mutates_args=("x3",))
 def logprobs_entropy_backward_(
-    x3: Tensor,
-    labels: Tensor | None,
-    active: Tensor | None,
-    stats: Tensor,
-    entropy: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    inv_temp: float,
-    backend: str,
+    x3: Tensor, labels: Tensor | None, active: Tensor | None, stats: Tensor, entropy: Tensor,
+    grad_logp: Tensor | None, grad_entropy: Tensor | None, inv_temp: float, backend: str,
 ) -> None:
     """dL/dx3 written over x3 itself (the logits are destroyed)."""
     _run_backward(x3, labels, active, stats, entropy, grad_logp, grad_entropy, inv_temp, backend, x3)

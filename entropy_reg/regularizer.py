@@ -26,8 +26,9 @@ Call order in a training step::
 from __future__ import annotations
 
 import copy
-
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -37,10 +38,62 @@ from torch import Tensor
 from .aggregation import aggregate
 from .controller import DEFAULT_MAX_VALUE, DEFAULT_RULE, DEFAULT_SMOOTHING, GlobalCoefficientController
 from .difficulty import DifficultyAllocator, GroupIds
-from .checks import as_scalar, as_state
+from .checks import as_flag, as_scalar, as_state
 from .target import AnchoredTarget
 
-__all__ = ["AERConfig", "AdaptiveEntropyRegularizer"]
+__all__ = ["AERConfig", "AdaptiveEntropyRegularizer", "STATE_FORMAT_VERSION", "migrate_state"]
+
+
+# The components' argument names as AERConfig's fields, for error messages (fields not listed
+# keep their component's name).
+_ALLOCATOR_FIELDS = {"rule": "difficulty_rule", "threshold": "difficulty_threshold", "normalize": "normalize_weights"}
+_TARGET_FIELDS = {"ratio": "target_ratio"}
+_CONTROLLER_FIELDS = {
+    "initial": "coef_init", "lr": "coef_lr", "min_value": "coef_min", "max_value": "coef_max",
+    "rule": "coef_rule", "damping": "coef_damping", "smoothing": "coef_smoothing",
+}
+
+
+def renamed(message: str, names: dict[str, str]) -> str:
+    """``message`` with each key of ``names`` replaced by its value, as a whole word outside quotes
+    (a quoted name is a value: the difficulty rule ``'threshold'``)."""
+    pattern = r"(?<!['\w.])(" + "|".join(sorted(names, key=len, reverse=True)) + r")(?!['\w])"
+    return re.sub(pattern, lambda m: names[m.group(1)], message)
+
+
+@contextmanager
+def config_names(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise a TypeError / ValueError raised inside with the argument names of ``names`` replaced."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise type(err)(renamed(str(err), names)) from None
+
+
+# Version of AdaptiveEntropyRegularizer.state_dict()'s layout; 0.1 states carry none (version 1).
+STATE_FORMAT_VERSION = 2
+
+
+def migrate_state(state: Any) -> Any:
+    """``state`` in the current layout (a new dict; ``state`` itself is not changed).
+
+    Version 1 (entropy-reg 0.1, no ``format_version`` key): the controller had no
+    ``integral`` and no ``smoothed`` entropy. Its alpha was the integral (the pure
+    integral rule), so ``integral = value``; the moving average restarts from the next
+    entropy, as on a fresh controller (``smoothed = None``). With the 0.1 settings
+    (``coef_damping=0``, ``coef_smoothing=0``) the run continues exactly as 0.1 would.
+    """
+    if not isinstance(state, dict) or "format_version" in state:
+        if isinstance(state, dict) and state["format_version"] != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"state['format_version'] is {state['format_version']!r}; this entropy-reg reads "
+                f"{STATE_FORMAT_VERSION} (and 0.1 states, which have none)"
+            )
+        return state
+    controller = state.get("controller")
+    if isinstance(controller, dict) and "value" in controller:
+        controller = {"integral": controller["value"], "smoothed": None, **controller}
+    return {**state, "format_version": STATE_FORMAT_VERSION, "controller": controller}
 
 
 @dataclass(frozen=True)
@@ -56,6 +109,12 @@ class AERConfig:
     ``coef_smoothing``; None takes the rule's default. The defaults are the
     controller's: the damped log rule on a 0.9 moving average of the entropy,
     alpha in [1e-4, 1e-2] (:mod:`entropy_reg.controller` says where they come from).
+    Trainer adapters: ``fused_entropy`` (default True) serves the actor update's
+    log-prob and entropy from one :func:`entropy_reg.token_logprobs_and_entropy`
+    pass (see ``docs/integrations.md``); the controllers ignore it.
+    ``reanchor_on_missing_state`` (default False): a trainer adapter that resumes
+    from a checkpoint holding no AER state raises, since AER would start anew and
+    anchor its target on the already-trained policy; True starts AER anew on purpose.
     """
 
     difficulty_rule: str | Callable[[Tensor], Any] = "linear"
@@ -74,13 +133,16 @@ class AERConfig:
     coef_max: float = DEFAULT_MAX_VALUE
     coef_damping: float | None = None
     coef_smoothing: float = DEFAULT_SMOOTHING
+    fused_entropy: bool = True
+    reanchor_on_missing_state: bool = False
 
     def make_controller(self) -> GlobalCoefficientController:
         """A new :class:`GlobalCoefficientController` with these settings."""
-        return GlobalCoefficientController(
-            self.coef_init, lr=self.coef_lr, min_value=self.coef_min, max_value=self.coef_max, rule=self.coef_rule,
-            damping=self.coef_damping, smoothing=self.coef_smoothing,
-        )
+        with config_names(_CONTROLLER_FIELDS):
+            return GlobalCoefficientController(
+                self.coef_init, lr=self.coef_lr, min_value=self.coef_min, max_value=self.coef_max, rule=self.coef_rule,
+                damping=self.coef_damping, smoothing=self.coef_smoothing,
+            )
 
     def resolved(self) -> AERConfig:
         """These settings with each None replaced by the value the controller takes for it."""
@@ -108,20 +170,19 @@ class AdaptiveEntropyRegularizer:
         cfg = AERConfig() if config is None else config
         if not isinstance(cfg, AERConfig):
             raise TypeError(f"config must be an AERConfig, got {type(cfg).__name__}")
+        as_flag(cfg.fused_entropy, "fused_entropy")
+        as_flag(cfg.reanchor_on_missing_state, "reanchor_on_missing_state")
         self.config = cfg
-        self.allocator = DifficultyAllocator(
-            cfg.difficulty_rule,
-            threshold=cfg.difficulty_threshold,
-            success_threshold=cfg.success_threshold,
-            normalize=cfg.normalize_weights,
-        )
-        self.target = AnchoredTarget(
-            cfg.target_ratio,
-            warmup_steps=cfg.warmup_steps,
-            initial_entropy=cfg.initial_entropy,
-            final_ratio=cfg.final_ratio,
-            schedule_steps=cfg.schedule_steps,
-        )
+        with config_names(_ALLOCATOR_FIELDS):
+            self.allocator = DifficultyAllocator(
+                cfg.difficulty_rule, threshold=cfg.difficulty_threshold, success_threshold=cfg.success_threshold,
+                normalize=cfg.normalize_weights,
+            )
+        with config_names(_TARGET_FIELDS):
+            self.target = AnchoredTarget(
+                cfg.target_ratio, warmup_steps=cfg.warmup_steps, initial_entropy=cfg.initial_entropy,
+                final_ratio=cfg.final_ratio, schedule_steps=cfg.schedule_steps,
+            )
         self.controller = cfg.make_controller()
         self.last_entropy: float | None = None
 
@@ -192,8 +253,9 @@ class AdaptiveEntropyRegularizer:
         return self.metrics(prefix)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe state of all three components, plus the last entropy fed in."""
+        """JSON-safe state of all three components, the last entropy fed in, and ``format_version``."""
         return {
+            "format_version": STATE_FORMAT_VERSION,
             "allocator": self.allocator.state_dict(),
             "target": self.target.state_dict(),
             "controller": self.controller.state_dict(),
@@ -201,9 +263,13 @@ class AdaptiveEntropyRegularizer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; every part is validated before any is applied."""
+        """Restore :meth:`state_dict` output; every part is validated before any is applied.
+
+        A state without ``format_version`` was written by entropy-reg 0.1 and loads through
+        :func:`migrate_state`.
+        """
         parts = ("allocator", "target", "controller")
-        state = as_state(state, parts + ("last_entropy",))
+        state = as_state(migrate_state(state), ("format_version",) + parts + ("last_entropy",))
         last = state["last_entropy"]
         last = None if last is None else as_scalar(last, "state['last_entropy']", low=0.0)
         for part in parts:  # a throwaway copy checks each part before any part changes

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
+from .kernels import scaled_gap
 from .partials import finish_merge, label_logits, localize, merge_terms, part_backward, part_stats
 
 
@@ -46,7 +47,7 @@ def merge_over_group(
         )
     parts = list(merge_terms(stats_k, entropy_k, m, inv_temp))
     if x_y is not None:
-        parts.append(torch.where(owned, (x_y - m) * inv_temp, 0.0))
+        parts.append(torch.where(owned, scaled_gap(x_y, m, inv_temp), 0.0))
     sums = torch.stack(parts)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     stats, entropy = finish_merge(m, sums[0], sums[1], sums[2])
@@ -58,6 +59,8 @@ def group_layout(group: dist.ProcessGroup) -> tuple[int, int]:
     """(rank, world size) of this process in ``group``."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group given but torch.distributed is not initialized")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
     return dist.get_rank(group), dist.get_world_size(group)
 
 

@@ -80,7 +80,11 @@ def test_counts():
     for value in (3, np.int64(3), np.uint8(3), torch.tensor(3), torch.tensor([3]), np.array(3)):
         out = as_count(value, "n")
         assert type(out) is int and out == 3
-    assert as_count(2**70, "n") == 2**70  # no float round trip
+    assert as_count(2**63 - 1, "n") == 2**63 - 1  # no float round trip
+    assert as_count(-(2**63), "n", low=None) == -(2**63)
+    for value in (2**63, 2**70, -(2**63) - 1):  # counts meet tensors: int64 or a named error
+        with pytest.raises(ValueError, match="n must fit in int64"):
+            as_count(value, "n", low=None)
     assert as_count(-5, "n", low=None) == -5
     for value in (3.0, np.float32(3), True, np.bool_(True), "3", torch.tensor(3.0)):
         with pytest.raises(TypeError, match="n must be an int"):

@@ -7,7 +7,8 @@ Accuracy (float32 math on the input's values, against float64 on the same values
   -1e-12 keeps its digits);
 - gradient, per entry j of a row with upstream (g_lp, g_H), p = softmax(x / T):
   |g_j - ref_j| <= 1e-5 S_j + (REF_ATOL + LOGP_ULPS (|log p_j| + H)) p_j G_j + 2^-126 G_j, then the
-  rounding to the logits' dtype, with
+  rounding to the logits' dtype (plus 2^-126 absolute: a result below float32's normal range may
+  be flushed to 0, as GPUs do), with
   S_j = (|g_lp| |1[j = y] - p_j| + |g_H| p_j (|log p_j| + H)) / T   (the size of the terms)
   G_j = (|g_lp| + |g_H| (1 + |log p_j| + H)) / T                  (their sensitivity to log p_j).
 
@@ -124,7 +125,9 @@ def reference_gradient(x, labels, active, temperature, g_lp, g_h):
 def check_gradient(grad: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
     grad, ref, bound = grad.cpu(), ref.cpu(), bound.cpu()
     dtype = grad.dtype
-    bound = bound + STORE_RTOL[dtype] * ref.abs() + TINY[dtype] * STORE_RTOL[dtype]
+    # the store's rounding: relative, and below the normal range the dtype's subnormal spacing; and
+    # a float32 result below the normal range may be flushed to 0 (GPUs flush subnormals)
+    bound = bound + STORE_RTOL[dtype] * ref.abs() + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps + TINY[torch.float32]
     err = (grad.double() - ref).abs()
     worst = int((err - bound).argmax())
     assert bool((err <= bound).all()), f"gradient: error {float(err.flatten()[worst]):.3g} > {float(bound.flatten()[worst]):.3g} (ref {float(ref.flatten()[worst]):.6g}, entry {worst})"
@@ -383,6 +386,10 @@ def test_float64_linear_token_entropy_passes_gradcheck():
         (dict(inplace_backward="no"), TypeError, "inplace_backward"),
         (dict(inplace_backward=1), TypeError, "inplace_backward"),
         (dict(backend=["torch"]), ValueError, "backend"),
+        (dict(ignore_index=10**30), ValueError, "ignore_index"),
+        (dict(ignore_index=-(2**63) - 1), ValueError, "ignore_index"),
+        (dict(temperature=torch.tensor(0.7, requires_grad=True)), ValueError, "temperature"),
+        (dict(process_group=123), ValueError, "process_group"),  # no process group here: not initialized
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, error, words):
@@ -414,3 +421,138 @@ def test_labels_of_masked_and_ignored_rows_are_not_checked(backend):
     assert lp[1] == 0 and lp[2] == 0
     with pytest.raises(ValueError, match="labels"):
         er.token_logprobs_and_entropy(x, labels, ignore_index=-7, backend="torch")  # row 1 is active now
+
+
+# ---------------------------------------------------------------- contract, round 2
+
+
+@pytest.mark.parametrize("peak, vocab", [(30.0, 65536), (20.0, 16384), (40.0, 32768)])
+def test_split_rows_keep_a_confident_rows_mass(peak, vocab):
+    """One row, V > MIN_SPLIT: Triton splits the row across programs and merges the slices.
+
+    The merge must add the slices' small mass to n_M - 1 = 0, not to the top's 1 and then take 1
+    away: (s + 1) - 1 rounds s (here 6e-9) to 0.
+    """
+    from entropy_reg.kernels import triton_entropy
+
+    assert triton_entropy._num_splits(1, vocab, torch.device(DEVICE)) > 1, "the row must be split"
+    x = torch.zeros(1, vocab)
+    x[0, 5] = peak
+    labels = torch.tensor([5])
+    lp, h, grad = run("triton", x, labels, None, 1.0, torch.tensor([1.0]), torch.tensor([0.5]))
+    ref_h = entropy_f64(x).detach()
+    check_forward(lp, logprob_f64(x, labels).detach(), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(x, labels, torch.ones(1, dtype=torch.bool), 1.0, torch.tensor([1.0]), torch.tensor([0.5]))
+    check_gradient(grad, ref, bound)
+
+
+def _compiled_call(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, h, w, y: er.token_logprobs_and_entropy(x, y, backend="torch")[0],
+        lambda x, h, w, y: er.linear_token_entropy(h, w, y)[0],
+    ],
+    ids=["logits", "linear"],
+)
+def test_compiled_label_range_is_checked_in_the_graph(call):
+    """Under torch.compile the range check runs in the graph: torch raises a RuntimeError with the message."""
+    g = torch.Generator().manual_seed(0)
+    x, h, w = torch.randn(3, 5, generator=g), torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    f = _compiled_call(call)
+    good = torch.tensor([0, 4, 2])
+    torch.testing.assert_close(f(x, h, w, good), call(x, h, w, good))
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 5\)"):
+        f(x, h, w, torch.tensor([0, 7, 2]))
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 5\)"):
+        f(x, h, w, torch.tensor([0, -1, 2]))
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_temperature_may_vary_between_calls(dynamic):
+    """T as an argument of the compiled function: a symbolic float on the second call (first, dynamic)."""
+    x = torch.randn(3, 11, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, t: er.token_entropy(a, temperature=t), fullgraph=True, dynamic=dynamic)
+    lin = torch.compile(lambda a, t: er.linear_token_entropy(a, torch.eye(11), temperature=t), fullgraph=True, dynamic=dynamic)
+    for t in (0.7, 0.9, 1.6):
+        check_forward(f(x, t), entropy_f64(x, t).detach(), f"H at T={t}")
+        check_forward(lin(x, t), entropy_f64(x, t).detach(), f"linear H at T={t}")
+
+
+EXTREME_T = [1e-39, 2e-39, 1e-31, 1.01e30, 1e31, 1e46, 1e-310, 1e300]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", EXTREME_T)
+def test_temperatures_outside_the_served_range_are_refused(dtype, temperature):
+    x = torch.tensor([[1.0, 2.0, 3.0]], dtype=dtype)
+    with pytest.raises(ValueError, match="temperature"):
+        er.token_entropy(x, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        er.linear_token_entropy(x, torch.eye(3, dtype=dtype), temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("temperature", [1e-30, 1e30])
+def test_temperatures_at_the_edges_of_the_range_are_exact(backend, dtype, temperature):
+    """At T = 1e-30 and 1e30 outputs and gradients meet the contract (float64 math: to float64 rounding)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 40, generator=g, dtype=torch.float64) * temperature * 10).to(dtype)  # x / T of order 10
+    labels = torch.tensor([0, 17, 39])
+    g_lp, g_h = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.5, 1.0, -1.0])
+    lp, h, grad = run(backend, x, labels, None, temperature, g_lp, g_h)
+    ref_h = entropy_f64(x, temperature).detach()
+    check_forward(lp, logprob_f64(x, labels, temperature).detach(), "log p", ref_h)
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(x, labels, torch.ones(3, dtype=torch.bool), temperature, g_lp, g_h)
+    if dtype == torch.float64:
+        torch.testing.assert_close(grad, ref, rtol=1e-12, atol=0.0)
+    else:
+        check_gradient(grad.float() if dtype == torch.float32 else grad, ref, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1e30, 1e6, 1.0e2])
+def test_rows_spread_past_float32_range(backend, temperature):
+    """x - max x overflows float32 at +-3e38: served, as the README's edge states (T <= 1e30)."""
+    x = torch.tensor([[3e38, -3e38, 0.0, 1e38], [-3.4e38, 3.4e38, 1.0, -1.0]])
+    labels = torch.tensor([1, 0])
+    g_lp, g_h = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5])
+    lp, h, grad = run(backend, x, labels, None, temperature, g_lp, g_h)
+    ref_lp = logprob_f64(x, labels, temperature).detach()
+    ref_h = entropy_f64(x, temperature).detach()
+    representable = ref_lp.abs() < torch.finfo(torch.float32).max
+    check_forward(lp[representable], ref_lp[representable], "log p", ref_h[representable])
+    assert bool((lp[~representable] == -math.inf).all()), "a log p beyond float32's range rounds to -inf"
+    check_forward(h, ref_h, "H")
+    ref, bound = reference_gradient(x, labels, torch.ones(2, dtype=torch.bool), temperature, g_lp, g_h)
+    check_gradient(grad, ref, bound)
+    # the lm_head path's block merge: hidden = 1, weight = the row, so the logits are exactly x
+    for row, label in zip(x, labels.tolist()):
+        lp_lin, h_lin = er.linear_token_entropy(torch.ones(1, 1), row.view(-1, 1), torch.tensor([label]), temperature=temperature, chunk_size=1)
+        ref_row = logprob_f64(row.view(1, -1), torch.tensor([label]), temperature).detach()
+        if bool(ref_row.abs() < torch.finfo(torch.float32).max):
+            check_forward(lp_lin, ref_row, "linear log p", entropy_f64(row.view(1, -1), temperature).detach())
+        check_forward(h_lin, entropy_f64(row.view(1, -1), temperature).detach(), "linear H")
+
+
+def test_linear_token_entropy_under_autocast_keeps_float64():
+    """autocast leaves an nn.Linear's float64 inputs alone, and so does linear_token_entropy."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 29, 7, 11])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(hidden, weight).dtype == torch.float64
+        lp, h = er.linear_token_entropy(hidden, weight, labels)
+    z = hidden @ weight.T
+    assert lp.dtype == h.dtype == torch.float64
+    torch.testing.assert_close(h, entropy_f64(z), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp, logprob_f64(z, labels), rtol=1e-12, atol=1e-14)

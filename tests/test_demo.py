@@ -20,10 +20,12 @@ pytest.importorskip("tqdm")
 
 from entropy_reg import cli  # noqa: E402
 from entropy_reg.demo import runner  # noqa: E402
-from entropy_reg.demo.grpo import pass_at_k  # noqa: E402
+from entropy_reg.demo.grpo import PromptStream, pass_at_k  # noqa: E402
 from entropy_reg.demo.policy import PolicyConfig, TinyTransformer  # noqa: E402
 from entropy_reg.demo.report import moving_average  # noqa: E402
-from entropy_reg.demo.task import EOS, EQUALS, PLUS, VOCAB_SIZE, AdditionTask, Batch, DigitSumTask  # noqa: E402
+from entropy_reg.demo.task import (  # noqa: E402
+    ASCENDING, DESCENDING, EOS, EQUALS, PLUS, VOCAB_SIZE, AdditionTask, Batch, DigitSumTask, OrderedSumTask,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,100 @@ def test_digitsum_reward_matches_reference() -> None:
     hard = task.make(torch.full((2000,), 4), gen)
     same = hard.reference[(hard.prompts[:, 0] + 10 * hard.prompts[:, 1]) == 18]
     assert len(same) > 20 and len({tuple(r) for r in same.tolist()}) > 10
+
+
+def _ordered_reference_reward(prompt: list[int], response: list[int]) -> float:
+    """From the prompt's meaning: n digits summing to S in the named order, then EOS."""
+    total, order, n = prompt[0] + 10 * prompt[1], prompt[2], prompt[3]
+    body = response[:n]
+    if not (len(response) > n and response[n] == EOS and all(t < 10 for t in body) and sum(body) == total):
+        return 0.0
+    want = sorted(body, reverse=order == DESCENDING)
+    return float(body == want)
+
+
+def test_ordered_sum_reward_matches_reference() -> None:
+    task = OrderedSumTask()
+    gen = torch.Generator().manual_seed(0)
+    pool, test = task.split("pool"), task.split("test")
+    for batch in (pool, test):
+        assert task.reward(batch, batch.reference).tolist() == [1.0] * batch.prompts.shape[0]
+        assert set(batch.prompts[:, 2].tolist()) == {ASCENDING, DESCENDING}
+        assert batch.difficulty.tolist() == (batch.prompts[:, 2] == DESCENDING).long().tolist()
+    rng = random.Random(2)
+    n = pool.prompts.shape[0]
+    # Random digit strings of the right sum often fail only on the order; junk fails outright.
+    shuffled = [ref[:p[3]] for p, ref in zip(pool.prompts.tolist(), pool.reference.tolist())]
+    for body in shuffled:
+        rng.shuffle(body)
+    permuted = torch.tensor([b + [EOS] + [rng.randrange(15) for _ in range(task.answer_len - len(b) - 1)]
+                             for b in shuffled])
+    for responses in (permuted, torch.randint(0, task.vocab_size, (n, task.answer_len), generator=gen)):
+        expected = [_ordered_reference_reward(p, r) for p, r in zip(pool.prompts.tolist(), responses.tolist())]
+        assert task.reward(pool, responses).tolist() == expected
+    assert 0 < sum(_ordered_reference_reward(p, r) for p, r in zip(pool.prompts.tolist(), permuted.tolist())) < n
+    # The reversed answer of a descending prompt with distinct digits is wrong.
+    row = next(i for i, p in enumerate(test.prompts.tolist()) if p[2] == DESCENDING and p[3] >= 2
+               and len(set(test.reference[i, :p[3]].tolist())) == p[3])
+    flipped = test.reference[row].clone()
+    flipped[: test.prompts[row, 3]] = flipped[: test.prompts[row, 3]].flip(0)
+    assert task.reward(Batch(test.prompts[row:row + 1], test.difficulty[row:row + 1], test.reference[row:row + 1]),
+                       flipped[None]).item() == 0.0
+
+
+def test_ordered_sum_pool_and_test_split_every_prompt_once() -> None:
+    task = OrderedSumTask(max_len=5, pool_fraction=0.6)
+    every = {(order, n, s) for order in (ASCENDING, DESCENDING) for n in range(1, 6) for s in range(9 * n + 1)}
+    assert len(every) == 280
+    keys = {name: [(p[2], p[3], p[0] + 10 * p[1]) for p in task.split(name).prompts.tolist()]
+            for name in ("pool", "test")}
+    assert len(keys["pool"]) == 168 and len(keys["test"]) == 112
+    assert set(keys["pool"]) | set(keys["test"]) == every and not set(keys["pool"]) & set(keys["test"])
+    with pytest.raises(ValueError, match="split must be"):
+        task.split("train")
+    with pytest.raises(ValueError, match="rare_rate"):
+        OrderedSumTask(rare_rate=1.5)
+    with pytest.raises(TypeError, match="pool_fraction"):
+        OrderedSumTask(pool_fraction="half")  # type: ignore[arg-type]
+
+
+def test_warm_start_data_answers_the_rare_order_at_its_rate() -> None:
+    task = OrderedSumTask(rare_rate=0.1)
+    batch = task.warm_sample(20_000, torch.Generator().manual_seed(0))
+    pool = {tuple(p) for p in task.split("pool").prompts.tolist()}
+    assert {tuple(p) for p in batch.prompts.tolist()} <= pool  # warm-start prompts come from the pool
+    right = task.reward(batch, batch.reference)
+    n = batch.prompts[:, 3]
+    total = batch.prompts[:, 0] + 10 * batch.prompts[:, 1]
+    # Prompts with a unique answer (n = 1, S = 0 or 9n) are right in either order: leave them out.
+    plural = (n > 1) & (total > 0) & (total < 9 * n)
+    asc, desc = plural & (batch.difficulty == 0), plural & (batch.difficulty == 1)
+    assert bool(right[asc].eq(1).all())
+    # A descending prompt's answer is drawn descending at the rare rate: among answers whose digits
+    # are not all equal (those read the same both ways), the right ones (binomial bound, 5 sd).
+    body = batch.reference[:, :5]
+    pos = torch.arange(5)[None, :]
+    first = body[:, :1].expand_as(body)
+    constant = ((body == first) | (pos >= n[:, None])).all(dim=1)
+    sel = desc & ~constant
+    rate, count = float(right[sel].mean()), int(sel.sum())
+    assert abs(rate - 0.1) < 5 * math.sqrt(0.1 * 0.9 / count)
+
+
+def test_prompt_stream_iterates_the_pool_in_epochs_and_tracks_coverage() -> None:
+    task = OrderedSumTask()
+    stream = PromptStream(task, 16, torch.Generator().manual_seed(0))
+    pool = [tuple(p) for p in task.split("pool").prompts.tolist()]
+    seen = []
+    for _ in range(21):  # 336 prompts: exactly two epochs of 168
+        batch = stream.next()
+        seen += [tuple(p) for p in batch.prompts.tolist()]
+        rewards = torch.zeros(16 * 2)
+        rewards[1] = 1.0  # the first prompt of the step solved by its second response
+        stream.mark(rewards, 2)
+    assert sorted(seen[:168]) == sorted(pool) and sorted(seen[168:]) == sorted(pool)
+    assert stream.coverage == pytest.approx(len(set(seen[::16])) / 168)
+    assert PromptStream(DigitSumTask(), 4, torch.Generator()).coverage is None
 
 
 def test_response_mask_stops_after_first_eos() -> None:
@@ -237,9 +333,9 @@ def test_quick_run_writes_sane_outputs(tmp_path: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())
     arms = list(results["runs"])
-    assert arms == ["no entropy", f"fixed {runner.LOW_COEF:g}", f"fixed {runner.HIGH_COEF:g}", "AER"]
+    assert arms == ["no entropy", "Clip-Higher", f"fixed {runner.LOW_COEF:g}", f"fixed {runner.HIGH_COEF:g}", "AER"]
     steps = results["grpo"]["steps"]
-    max_entropy = math.log(VOCAB_SIZE)
+    max_entropy = math.log(VOCAB_SIZE + 2)  # the modes task's two order tokens
     for name in arms:
         assert name in table and name in proc.stdout
         (run,) = results["runs"][name]
@@ -249,6 +345,10 @@ def test_quick_run_writes_sane_outputs(tmp_path: Path) -> None:
         final = run["final"]
         for bucket, p1 in final["pass@1"].items():
             assert 0.0 <= p1 <= final["pass@8"][bucket] <= 1.0
+        # The pool's coverage only grows, and ends at the final value.
+        cover = hist["eval_coverage"]
+        assert cover == sorted(cover) and cover[-1] == final["coverage"] and 0.0 <= cover[0] <= cover[-1] <= 1.0
+        assert 0.0 <= final["pool"]["pass@1"]["all"] <= final["pool"]["pass@8"]["all"] <= 1.0
         # The summary's entropies, recomputed from the history: the mean of the last 10 steps
         # (the window for runs up to 200 steps) and the minimum of such 10-step means.
         windows = [hist["entropy"][i - 10: i] for i in range(10, steps + 1)]

@@ -203,7 +203,9 @@ def test_bad_inputs_name_the_argument():
 def test_config_travels_as_one_value():
     cfg = AERConfig(difficulty_rule="threshold", success_threshold=0.0, target_ratio=0.3, coef_lr=0.5)
     assert config_from_env({CONFIG_ENV: config_to_env(cfg)}) == cfg
-    assert config_from_env({}) == AERConfig()
+    # Issue 22 item 8: without the launcher's settings a worker used to run on AERConfig() silently.
+    with pytest.raises(RuntimeError, match=r"not started by AER's launcher.*python -m entropy_reg.integrations"):
+        config_from_env({})
     with pytest.raises(ValueError, match="ratio must be > 0"):
         config_to_env(AERConfig(target_ratio=-1.0))  # checked before any worker starts
     with pytest.raises(TypeError, match="callable"):
@@ -234,15 +236,15 @@ def test_install_imports_nothing_from_openrlhf():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_readme_example_lines_up_like_openrlhf():
-    """README's OpenRLHF example runs, with OpenRLHF 0.11.2's layout (defect 8: it sliced unshifted
-    entropy against a response-only mask): output.entropy = H[:, :-1], action_mask [B, S-1]."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def test_docs_openrlhf_example_lines_up_like_openrlhf():
+    """docs/integrations.md's OpenRLHF example runs, with OpenRLHF 0.11.2's layout (defect 8: it sliced
+    unshifted entropy against a response-only mask): output.entropy = H[:, :-1], action_mask [B, S-1]."""
+    with open(os.path.join(ROOT, "docs", "integrations.md"), encoding="utf-8") as f:
         readme = f.read()
     start = readme.rfind("```python", 0, readme.index("from entropy_reg.integrations.openrlhf import"))
     code = readme[start + len("```python"): readme.index("```", start + 3)]
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # prints the update's metrics
+    exec(compile(code, "docs/integrations.md", "exec"), scope)  # prints the update's metrics
     logits, mask, weights = scope["logits"], scope["mask"], scope["weights"]
     assert mask.shape == (8, logits.shape[1] - 1)
     h = entropy64(logits.detach())[:, :-1]  # position t predicts token t + 1, as OpenRLHF shifts
@@ -619,18 +621,50 @@ def test_trainer_refuses_openrlhf_entropy_bonus_and_needs_the_weights(monkeypatc
         trainer.training_step(batch, 0.0, 0)
 
 
+def token_mean64(batches) -> float:
+    """float64 token-mean entropy of TinyActor over the action tokens of ``batches``."""
+    total = count = 0.0
+    for b in batches:
+        h = entropy64(TinyActor().emb[b.sequences] @ TinyActor().head)[:, :-1]
+        m = b.action_mask[:, -h.shape[1]:] if b.action_mask.shape[1] < h.shape[1] else b.action_mask
+        total += (h[:, -m.shape[1]:] * m).sum().item()
+        count += m.sum().item()
+    return total / count
+
+
+def record_micro_batches(trainer) -> list:
+    """The micro-batches ppo_train hands training_step, in order."""
+    seen = []
+    step = trainer.training_step
+
+    def spy(experience, kl_ctl, i, loss_batch_info=None):
+        seen.append(experience)
+        return step(experience, kl_ctl, i, loss_batch_info)
+
+    trainer.training_step = spy
+    return seen
+
+
 def test_ppo_train_from_the_driver_to_the_logged_status(monkeypatch, o):
-    """Driver experiences -> OpenRLHF's replay buffer, DataLoader (shuffled) and ppo_train (2 optimizer
-    steps of 2 micro-batches): one update, from the entropy of every token, logged in the status."""
+    """Driver experiences -> OpenRLHF's replay buffer, DataLoader (shuffled) and ppo_train (3 micro-batches,
+    2 per optimizer step): one update, logged in the status; the anchoring update takes the
+    first optimizer step's micro-batches, a later update every micro-batch."""
     _, balanced, _ = driver_experiences(monkeypatch, o, AERConfig())
     trainer = make_trainer(monkeypatch, o, AERConfig(coef_init=0.01, target_ratio=0.5), make_args(), gas=2)
     rank0 = balanced[0]
+    seen = record_micro_batches(trainer)
     trainer.replay_buffer.append(rank0)
     status = trainer.ppo_train(0.0)
+    assert len(seen) == 3  # 6 samples, micro-batches of 2: an optimizer step of 2, then a partial one
+    h_first = token_mean64(seen[:2])
+    assert status["aer/entropy"] == pytest.approx(h_first, rel=1e-5)
+    assert status["aer/anchor"] == pytest.approx(h_first, rel=1e-5)  # first step: the anchor
+    seen.clear()
+    status = trainer.ppo_train(0.0)  # anchored: the whole RL step's tokens
     m = rank0.action_mask
     h_ref = (entropy64(TinyActor().emb[rank0.sequences] @ TinyActor().head)[:, :-1] * m).sum() / m.sum()
     assert status["aer/entropy"] == pytest.approx(h_ref.item(), rel=1e-5)
-    assert status["aer/anchor"] == pytest.approx(h_ref.item(), rel=1e-5)  # first step: the anchor
+    assert status["aer/anchor"] == pytest.approx(h_first, rel=1e-5)
     assert status["aer/update_skipped"] == 0.0 and status["aer/coef"] == trainer.aer.regularizer.value
     # Driver metrics arrive through OpenRLHF's own per-sample status reduction (defect 5).
     acc = SCORES.reshape(-1, N_SAMPLES).double().mean(-1).mean().item()
@@ -679,6 +713,57 @@ def test_checkpoint_carries_the_state_and_warns_without_deepspeed_checkpoints(mo
     resumed.trainer, resumed.disable_ds_ckpt = SimpleNamespace(), False
     with pytest.raises(RuntimeError, match="worker_process_setup_hook"):
         resumed.save_checkpoint("global_step5", {})
+
+
+def test_anchor_is_the_first_optimizer_steps_entropy(monkeypatch, o):
+    """Issue 22 item 9: with --train.max_epochs 2 the first ppo_train runs 2 epochs of 3 micro-batches,
+    2 per optimizer step; the anchor (and the entropy of that update) is the token mean of the first
+    optimizer step's micro-batches only, which trained the policy before any update. The stub strategy
+    takes no optimizer step, so the window over both epochs differs only by its data, not by weights."""
+    _, balanced, _ = driver_experiences(monkeypatch, o, AERConfig())
+    trainer = make_trainer(monkeypatch, o, AERConfig(coef_init=0.01), make_args(train__max_epochs=2), gas=2)
+    seen = record_micro_batches(trainer)
+    trainer.replay_buffer.append(balanced[0])
+    status = trainer.ppo_train(0.0)
+    assert len(seen) == 6
+    h_first = token_mean64(seen[:2])
+    assert status["aer/anchor"] == pytest.approx(h_first, rel=1e-5)
+    assert status["aer/entropy"] == pytest.approx(h_first, rel=1e-5)
+    assert abs(token_mean64(seen) - h_first) > 1e-4  # the window over both epochs is another number
+
+
+def test_resume_without_aer_state_is_refused_unless_asked(monkeypatch, o):
+    """Issue 22 item 6: a DeepSpeed checkpoint without AER's state (saved without AER) used to restart
+    alpha and the anchor silently; now an error naming --aer.reanchor_on_missing_state, which opts in."""
+    monkeypatch.setattr(o.ppo_actor, "torch_dist_barrier_and_cuda_sync", lambda: None)
+    actor_cls = o.actor.AERPolicyModelActor.__ray_actor_class__
+    states = {}
+
+    def init(self, strategy, pretrain, max_steps=None, vllm_engines=None):  # OpenRLHF's, with DeepSpeed stubbed
+        self.trainer, self.checkpoint_states = SimpleNamespace(aer=OpenRLHFAER(config_from_env())), states
+        self.disable_ds_ckpt = False
+
+    monkeypatch.setattr(actor_cls.__mro__[1], "init_model_from_pretrained", init)
+    strategy = SimpleNamespace(args=SimpleNamespace(ckpt=SimpleNamespace(path="/ckpt", disable_ds=False)))
+    policy = object.__new__(actor_cls)
+    monkeypatch.setenv(CONFIG_ENV, config_to_env(AERConfig()))
+    policy.init_model_from_pretrained(strategy, "model")  # no checkpoint: a fresh start, nothing to restore
+    states.update({"global_step": 3, "episode": 0})  # OpenRLHF's own client states, no "aer"
+    with pytest.raises(RuntimeError, match=r"/ckpt/_actor, which holds no AER state.*"
+                                           r"--aer.reanchor_on_missing_state true"):
+        policy.init_model_from_pretrained(strategy, "model")
+    monkeypatch.setenv(CONFIG_ENV, config_to_env(AERConfig(reanchor_on_missing_state=True)))
+    policy.init_model_from_pretrained(strategy, "model")
+    assert policy.trainer.aer.regularizer.target.anchor is None  # anew, as asked
+
+
+def test_a_worker_without_the_launchers_settings_fails(monkeypatch, o):
+    """Issue 22 item 8: the hook's classes without the launcher's settings ran on AERConfig()."""
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    strategy = SimpleNamespace(args=make_args())
+    kl = o.kl_controller.FixedKLController(0.0)
+    with pytest.raises(RuntimeError, match="python -m entropy_reg.integrations.openrlhf"):
+        o.maker.AERExperienceMaker(None, None, None, None, kl, strategy, Tokenizer())
 
 
 def test_install_swaps_the_classes_where_openrlhf_looks_them_up(o):

@@ -53,8 +53,51 @@ def test_parse_refuses_what_it_cannot_honour(capsys):
     assert "unknown AER flag --aer.coef_maxx" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--aer.warmup_steps", "2.5"])
-    with pytest.raises(SystemExit, match="ratio must be > 0"):
+    with pytest.raises(SystemExit, match="--aer.target_ratio must be > 0"):
         main([*OPENRLHF_FLAGS, "--aer.target_ratio", "-1"])  # checked before OpenRLHF or Ray start
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    # Issue 22 item 10: the message named the component's parameter (max_value), not the flag typed.
+    (["--aer.coef_max", "-1"], r"error: --aer.coef_max must be >= 0.0, got -1.0$"),
+    (["--aer.coef_min", "0.5"], r"--aer.coef_min \(0.5\) must be <= --aer.coef_max \(0.01\)$"),
+    (["--aer.difficulty_threshold", "2"], r"--aer.difficulty_threshold must be <= 1.0"),
+    (["--aer.final_ratio", "0.2"], r"--aer.schedule_steps must be >= 1 when --aer.final_ratio is given"),
+])
+def test_errors_name_the_flag_typed(flags, match):
+    with pytest.raises(SystemExit, match=match):
+        main([*OPENRLHF_FLAGS, *flags])
+
+
+def _without(flags: list[str], name: str) -> list[str]:
+    i = flags.index(name)
+    return flags[:i] + flags[i + 2:]
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    # Issue 22 item 7: accuracy of one sample is 0 or 1; OpenRLHF's default n_samples_per_prompt is 1.
+    ([*_without(OPENRLHF_FLAGS, "--rollout.n_samples_per_prompt")], "n_samples_per_prompt is 1"),
+    ([*_without(OPENRLHF_FLAGS, "--rollout.n_samples_per_prompt"), "--rollout.n_samples_per_prompt=1",
+      "--aer.success_threshold", "0.3"], "n_samples_per_prompt is 1"),
+    # A reward model's scores: no natural success line, so the threshold must be the user's.
+    ([*_without(OPENRLHF_FLAGS, "--reward.remote_url"), "--reward.model_name_or_path", "rm"],
+     "rewards come from a reward model.*--aer.success_threshold"),
+])
+def test_refuses_rewards_that_cannot_tell_solved_from_unsolved(flags, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(flags)
+    with pytest.raises(SystemExit, match=match):  # before OpenRLHF parses anything or Ray starts
+        main(flags)
+    cfg, _ = parse_args([*flags, "--aer.difficulty_rule", "uniform"])  # no difficulty: nothing to tell
+    assert cfg.difficulty_rule == "uniform"
+
+
+def test_a_reward_model_runs_with_an_explicit_threshold():
+    rm = [*_without(OPENRLHF_FLAGS, "--reward.remote_url"), "--reward.model_name_or_path", "rm"]
+    cfg, _ = parse_args([*rm, "--aer.success_threshold=0.5"])  # the default's value, but chosen
+    assert cfg.success_threshold == 0.5
+    cfg, _ = parse_args([*rm, "--train.agent_func_path", "agent.py"])  # an agent's reward: verifier scores
+    assert cfg == AERConfig()
 
 
 def test_runtime_env_keeps_openrlhf_env_vars():

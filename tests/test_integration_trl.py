@@ -144,6 +144,23 @@ def test_resume_restores_controller_state(run, tmp_path):
     assert resumed.aer.state_dict()["controller"]["steps"] == 3
 
 
+def test_resume_without_aer_state_is_refused_unless_asked(run, tmp_path):
+    """Issue 22's resume policy (as verl's and OpenRLHF's): a checkpoint without aer_state.json (saved
+    without AER) used to restart alpha and the anchor silently on the trained policy."""
+    import shutil
+
+    out, _, _ = run
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(os.path.join(out, "checkpoint-2"), ckpt)
+    (ckpt / STATE_FILE).unlink()
+    trainer = make_trainer(tmp_path, max_steps=3, aer=AERConfig(coef_init=1e-3))
+    with pytest.raises(RuntimeError, match=r"holds no AER state.*AERConfig\(reanchor_on_missing_state=True\)"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    trainer = make_trainer(tmp_path, max_steps=3, aer=AERConfig(coef_init=1e-3, reanchor_on_missing_state=True))
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.aer.state_dict()["controller"]["steps"] == 1  # started anew at step 3, as asked
+
+
 def test_refuses_trl_entropy_bonus(tmp_path):
     with pytest.raises(ValueError, match="entropy_coef"):
         make_trainer(tmp_path, max_steps=1, aer=None, entropy_coef=0.01)

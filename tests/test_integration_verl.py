@@ -25,7 +25,6 @@ from entropy_reg.integrations.verl import (  # noqa: E402
     COEF_KEY,
     AERLoss,
     VerlAER,
-    aer_ppo_loss,
     make_loss_fn,
 )
 from entropy_reg.regularizer import AERConfig  # noqa: E402
@@ -155,7 +154,7 @@ def test_aer_term_equals_reference_and_reaches_logits(padding, mode):
     set_global(data, dp=1, tokens=None, seqs=None)
     cfg = actor_config(mode, loss_scale_factor=None)
     out = model_output(logits, offsets)
-    total, metrics = aer_ppo_loss(cfg, out, data)
+    total, metrics = make_loss_fn(cfg, fused_entropy=False)(model_output=out, data=data)
     base, _ = ppo_loss(cfg, model_output(logits, offsets), data)
     term = total - base
     ref = reference_term(mode, [l.detach() for l in logits], coef, mask, rows)
@@ -183,7 +182,7 @@ def test_two_ranks_average_to_the_full_batch(mode):
         data, logits, coef, mask, offsets = make_inputs("dense", rows=rows)
         set_global(data, dp=2, tokens=tokens, seqs=B)
         cfg = actor_config(mode, loss_scale_factor=R)
-        total, _ = aer_ppo_loss(cfg, model_output(logits, offsets), data)
+        total, _ = make_loss_fn(cfg, fused_entropy=False)(model_output=model_output(logits, offsets), data=data)
         base, _ = ppo_loss(cfg, model_output(logits, offsets), data)
         ranks.append((total - base).item())
     assert sum(ranks) / 2 == pytest.approx(full.item(), rel=1e-5, abs=1e-9)
@@ -292,7 +291,7 @@ def test_prefix_names_the_worker_metric():
     fn = VerlAER(prefix="run7/aer/").loss_fn(cfg)
     _, metrics = fn(model_output=model_output(logits, offsets), data=data)
     assert "run7/aer/bonus" in metrics and "actor/aer/bonus" not in metrics
-    _, metrics = aer_ppo_loss(cfg, model_output(logits, offsets), data, prefix="p/")
+    _, metrics = make_loss_fn(cfg, prefix="p/", fused_entropy=False)(model_output=model_output(logits, offsets), data=data)
     assert "p/bonus" in metrics
     assert "run7/aer/coef" in VerlAER(prefix="run7/aer/").update(torch.ones(1, 2), torch.ones(1, 2))
 

@@ -21,6 +21,7 @@ import yaml  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
 import entropy_reg.integrations.verl as aer_verl  # noqa: E402
+from entropy_reg.integrations.verl.driver import verl_aer  # noqa: E402
 from entropy_reg import AERConfig  # noqa: E402
 
 
@@ -82,6 +83,34 @@ def test_prepare_config_refuses_what_aer_cannot_work_with(hydra_module, override
     with pytest.raises(ValueError, match=match):
         aer_verl.prepare_config(config)
     assert config.actor_rollout_ref.actor.calculate_entropy is False  # nothing changed
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        # Issue 22 item 5: OmegaConf's own "Input cfg is not an OmegaConf config object" before.
+        ("+aer=5", TypeError, r"aer section must hold settings, given as \+aer\.<field>=<value>.*got aer=5"),
+        ("+aer=[1,2]", TypeError, r"\+aer\.<field>=<value>.*got aer=\[1, 2\]"),
+        # The setting as the user typed it, not the component's parameter (max_value, ratio).
+        ("+aer.coef_max=-1.0", ValueError, r"^\+aer\.coef_max must be >= 0\.0, got -1\.0$"),
+        ("+aer.target_ratio=-0.5", ValueError, r"^\+aer\.target_ratio must be > 0"),
+        ("+aer.coef_min=0.5", ValueError, r"^\+aer\.coef_min \(0\.5\) must be <= \+aer\.coef_max \(0\.01\)$"),
+        ("+aer.score_field=3", TypeError, r"\+aer\.score_field must be a field name"),
+    ],
+)
+def test_a_malformed_aer_section_names_the_aer_setting(hydra_module, override, error, match):
+    config = cfg(override)
+    with pytest.raises(error, match=match):
+        aer_verl.prepare_config(config)
+    assert config.actor_rollout_ref.actor.calculate_entropy is False  # nothing changed
+
+
+def test_score_field_is_the_adapters_setting(hydra_module):
+    """+aer.score_field is read by the adapter, not passed to AERConfig (which has no such field)."""
+    config = cfg("+aer.score_field=acc", "+aer.coef_max=0.02")
+    assert aer_verl.prepare_config(config) == AERConfig(coef_max=0.02)
+    assert verl_aer(config, None).score_field == "acc"
+    assert verl_aer(cfg(), None).score_field is None
 
 
 def test_async_mode_name_is_irrelevant_on_the_legacy_trainer(hydra_module):

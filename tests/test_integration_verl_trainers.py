@@ -351,33 +351,50 @@ def solved(uid: str, session: int) -> float:
     return float(session < [N_ROLLOUT, N_ROLLOUT // 2, 0][k % 3])
 
 
-def rollout(store: FakeStore, step: int, seed: int, policy: TinyPolicy) -> list[str]:
-    """Put PROMPTS x N_ROLLOUT finished samples into the store as verl's agent loop does; their keys."""
+OVERLONG = 3  # DAPO stub: a response of this many tokens or more is overlong
+PENALTY = 0.6  # ... and its reward loses this (verl's overlong_buffer penalty)
+
+
+def rollout(store: FakeStore, step: int, seed: int, policy: TinyPolicy, *, dapo: bool = False,
+            outputs: dict[tuple[int, int], int] | None = None) -> list[str]:
+    """Put PROMPTS x N_ROLLOUT finished samples into the store as verl's agent loop does; their keys.
+
+    ``dapo``: as verl's DAPO reward manager, the overlong penalty is added into ``rm_scores`` and the
+    plain correctness kept in ``extra_fields["reward_extra_info"]["acc"]``. ``outputs``: (prompt,
+    session) -> number of agent-loop outputs of that session (default 1), keys ``{uid}_{session}_{i}``,
+    each output carrying the final reward, as verl's ``_agent_loop_postprocess`` puts them.
+    """
     g = torch.Generator().manual_seed(1000 * seed + step)
     keys, fields, tags = [], [], []
     for p in range(PROMPTS):
         uid = f"s{step}-{p}"
         prompt = torch.randint(1, V, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
         for session in range(N_ROLLOUT):
-            resp = torch.randint(1, V, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
-            ids = torch.cat([prompt, resp])
-            with torch.no_grad():  # the rollout's own log-probs of its tokens (rollout.calculate_log_probs)
-                logp = policy.forward(torch.nested.as_nested_tensor([ids], layout=torch.jagged))["log_probs"]
-            score = torch.zeros(len(resp))
-            score[-1] = solved(uid, session)
-            keys.append(f"{uid}_{session}_0")
-            store.history[keys[-1]] = (prompt, resp, len(keys) - 1 + 100 * step)
-            store.by_idx[len(keys) - 1 + 100 * step] = keys[-1]
-            fields.append({
-                "prompts": prompt, "responses": resp, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "position_ids": torch.arange(len(ids)), "response_mask": torch.ones_like(resp),
-                "loss_mask": torch.ones_like(resp), "rm_scores": score,
-                "rollout_log_probs": logp.values()[len(prompt) - 1:-1].clone(), "uid": uid, "num_turns": 2,
-                "sample_idx": torch.tensor(len(keys) - 1 + 100 * step),
-            })
-            tags.append({"status": "success", "prompt_len": len(prompt), "response_len": len(resp),
-                         "seq_len": len(ids), "global_steps": step, "min_global_steps": step - 1,
-                         "max_global_steps": step - 1})
+            for index in range((outputs or {}).get((p, session), 1)):
+                resp = torch.randint(1, V, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+                ids = torch.cat([prompt, resp])
+                with torch.no_grad():  # the rollout's own log-probs of its tokens (rollout.calculate_log_probs)
+                    logp = policy.forward(torch.nested.as_nested_tensor([ids], layout=torch.jagged))["log_probs"]
+                score = torch.zeros(len(resp))
+                score[-1] = solved(uid, session)
+                extra = {}
+                if dapo:
+                    score[-1] -= PENALTY * (len(resp) >= OVERLONG)
+                    extra = {"extra_fields": {"reward_extra_info": {"acc": solved(uid, session),
+                                                                    "overlong": len(resp) >= OVERLONG}}}
+                keys.append(f"{uid}_{session}_{index}")
+                store.history[keys[-1]] = (prompt, resp, len(keys) - 1 + 100 * step)
+                store.by_idx[len(keys) - 1 + 100 * step] = keys[-1]
+                fields.append({
+                    "prompts": prompt, "responses": resp, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "position_ids": torch.arange(len(ids)), "response_mask": torch.ones_like(resp),
+                    "loss_mask": torch.ones_like(resp), "rm_scores": score,
+                    "rollout_log_probs": logp.values()[len(prompt) - 1:-1].clone(), "uid": uid, "num_turns": 2,
+                    "sample_idx": torch.tensor(len(keys) - 1 + 100 * step), **extra,
+                })
+                tags.append({"status": "success", "prompt_len": len(prompt), "response_len": len(resp),
+                             "seq_len": len(ids), "global_steps": step, "min_global_steps": step - 1,
+                             "max_global_steps": step - 1})
     store.kv_batch_put(keys=keys, partition_id="train", fields=tu.list_of_dict_to_tensordict(fields), tags=tags)
     return keys
 
@@ -425,7 +442,7 @@ def check_micro_batches(policy, store, records, coefs_by_step, mode, micro_per_m
 # v1: PPOTrainerSync
 
 
-def build_v1(cfg, store, policy, monkeypatch, *, seed=0):
+def build_v1(cfg, store, policy, monkeypatch, *, seed=0, **rollout_kw):
     """``get_trainer_cls("sync")`` after install(), built and initialized by verl's own ``init``."""
     from torchdata.stateful_dataloader import StatefulDataLoader
     from verl.trainer.ppo.v1 import get_trainer_cls
@@ -456,7 +473,7 @@ def build_v1(cfg, store, policy, monkeypatch, *, seed=0):
     sampled: list[KVBatchMeta] = []
 
     def prepare_step():
-        keys = rollout(store, trainer.global_steps, seed, policy)
+        keys = rollout(store, trainer.global_steps, seed, policy, **rollout_kw)
         meta = KVBatchMeta(keys=keys, tags=[store.tags["train"][k] for k in keys], partition_id="train")
         sampled.append(meta)
         return {}
@@ -485,15 +502,7 @@ def test_v1_sync_trainer_runs_aer_end_to_end(tmp_path, gloo, hydra_module, store
 
     # Mirror of the controller, fed with float64 references computed here.
     mirror = AdaptiveEntropyRegularizer(AERConfig(coef_init=0.002, target_ratio=0.9, coef_max=0.05))
-    seen_steps = []
-    orig_put = store.kv_batch_put
-
-    def spy_put(keys, partition_id, fields=None, tags=None, **kw):
-        if fields is not None and COEF_KEY in fields.keys():
-            seen_steps.append({k: float(c) for k, c in zip(keys, fields[COEF_KEY])})
-        return orig_put(keys, partition_id, fields=fields, tags=tags, **kw)
-
-    monkeypatch.setattr(transfer_queue, "kv_batch_put", spy_put)
+    seen_steps = spy_coefficients(store, monkeypatch)
     trainer.fit(agent_loop_manager=None)
 
     assert len(seen_steps) == 2 and len(logged) == 2
@@ -552,6 +561,169 @@ def test_v1_resume_continues_the_controller_bit_for_bit(tmp_path, gloo, hydra_mo
     # step 1's entropy, which a fresh controller (anchoring at step 2) would not have.
     assert resumed_log[0]["actor/aer/anchor"] == full_log[0]["actor/aer/entropy"]
     assert resumed_log[0]["actor/aer/entropy"] != full_log[0]["actor/aer/entropy"]
+
+
+def spy_state_at_save(wg) -> list[bool]:
+    """For each actor checkpoint save, whether aer_state.json already sat in its global_step_N folder."""
+    at_save: list[bool] = []
+    actor_save = wg.save_checkpoint
+
+    def spy_save(local_path, *args, **kwargs):
+        at_save.append(os.path.exists(os.path.join(os.path.dirname(local_path), STATE_FILE)))
+        return actor_save(local_path, *args, **kwargs)
+
+    wg.save_checkpoint = spy_save
+    return at_save
+
+
+def spy_coefficients(store: FakeStore, monkeypatch) -> list[dict[str, float]]:
+    """Each aer_coef put to TransferQueue, as {sample key: coefficient}."""
+    seen: list[dict[str, float]] = []
+    orig_put = store.kv_batch_put
+
+    def spy_put(keys, partition_id, fields=None, tags=None, **kw):
+        if fields is not None and COEF_KEY in fields.keys():
+            seen.append({k: float(c) for k, c in zip(keys, fields[COEF_KEY])})
+        return orig_put(keys, partition_id, fields=fields, tags=tags, **kw)
+
+    monkeypatch.setattr(transfer_queue, "kv_batch_put", spy_put)
+    return seen
+
+
+def expected_coefficients(keys, alpha: float, success) -> dict[str, float]:
+    """float64 reference: alpha * (1 - accuracy of the prompt's sessions) / mean over sessions, every
+    output of a session taking its session's value. ``success(uid, session, key)``: 0 or 1."""
+    sessions: dict[tuple[str, str], list[str]] = {}
+    for k in keys:
+        uid, session, _ = k.split("_")
+        sessions.setdefault((uid, session), []).append(k)
+    final = {s: max(ks, key=lambda k: int(k.split("_")[2])) for s, ks in sessions.items()}
+    uids = {uid for uid, _ in sessions}
+    acc = {u: np.mean([success(u, s, final[(u, s)]) for (v, s) in sessions if v == u]) for u in uids}
+    mean_w = np.mean([1.0 - acc[u] for u, _ in sessions])
+    return {k: alpha * (1.0 - acc[u]) / mean_w for (u, s), ks in sessions.items() for k in ks}
+
+
+@pytest.mark.parametrize("score_field", [None, "acc", "scores"])
+def test_v1_difficulty_comes_from_dapo_correctness(tmp_path, gloo, hydra_module, store, registry, monkeypatch,
+                                                   score_field):
+    """Issue 22 item 1: verl's DAPO reward manager adds its overlong penalty into rm_scores and keeps
+    the correctness in reward_extra_info["acc"]. By default (and with +aer.score_field=acc) the group
+    accuracy comes from acc, so the all-solved prompt gets no bonus although some of its right answers
+    ran long; +aer.score_field=scores takes the penalised scores on purpose."""
+    extra = [] if score_field is None else [f"+aer.score_field={score_field}"]
+    cfg = verl_config(tmp_path, "trainer.total_training_steps=1", *extra)
+    trainer, _ = build_v1(cfg, store, TinyPolicy(), monkeypatch, dapo=True)
+    seen = spy_coefficients(store, monkeypatch)
+    trainer.fit(agent_loop_manager=None)
+    (coefs,) = seen
+    real = [k for k in coefs if not k.startswith("pad")]
+
+    def success(uid, session, key):
+        score = solved(uid, int(session))
+        if score_field == "scores":
+            score -= PENALTY * (len(store.history[key][1]) >= OVERLONG)
+        return float(score > 0.5)
+
+    # The scenario: right answers of the all-solved prompt that ran long, scored 0.4 < 0.5.
+    assert any(solved(k.split("_")[0], 0) and len(store.history[k][1]) >= OVERLONG for k in real if "-0_" in k)
+    ref = expected_coefficients(real, trainer.aer.regularizer.value, success)
+    for k in real:
+        assert coefs[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-12)
+    solved_prompt = [coefs[k] for k in real if "-0_" in k]
+    assert (max(solved_prompt) == 0.0) == (score_field != "scores")
+
+
+def test_v1_a_score_field_the_reward_manager_did_not_write_is_an_error(tmp_path, gloo, hydra_module, store,
+                                                                      registry, monkeypatch):
+    cfg = verl_config(tmp_path, "trainer.total_training_steps=1", "+aer.score_field=correct")
+    trainer, _ = build_v1(cfg, store, TinyPolicy(), monkeypatch, dapo=True)
+    with pytest.raises(KeyError, match=r"\+aer.score_field=correct.*wrote: acc, overlong"):
+        trainer.fit(agent_loop_manager=None)
+
+
+def test_v1_an_agent_loop_session_counts_once(tmp_path, gloo, hydra_module, store, registry, monkeypatch):
+    """Issue 22 item 2: an agent loop whose session puts several outputs ({uid}_{session}_{i}, each
+    with the final reward). verl's GRPO counts the session once (its final output); so must the group
+    accuracy and the mean-1 normalization. Prompt 1's solved session 0 has 3 outputs (counted per row,
+    its accuracy would read 4/6, not 2/4), prompt 2's session 1 has 2."""
+    cfg = verl_config(tmp_path, "trainer.total_training_steps=1")
+    trainer, _ = build_v1(cfg, store, TinyPolicy(), monkeypatch, outputs={(1, 0): 3, (2, 1): 2})
+    seen = spy_coefficients(store, monkeypatch)
+    trainer.fit(agent_loop_manager=None)
+    (coefs,) = seen
+    real = [k for k in coefs if not k.startswith("pad")]
+    assert len(real) == PROMPTS * N_ROLLOUT + 3
+    ref = expected_coefficients(real, trainer.aer.regularizer.value, lambda u, s, k: solved(u, int(s)))
+    for k in real:
+        assert coefs[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-12)
+    assert {coefs[f"s1-1_0_{i}"] for i in range(3)} == {coefs["s1-1_0_0"]}  # one session, one coefficient
+
+
+@pytest.mark.parametrize(("overrides", "actor_updates"), [
+    (("trainer.critic_warmup=2", "trainer.total_training_steps=3"), 2),  # step 1 trains no actor
+    (("+trainer.v1.sync.parameter_sync_step=2", "data.train_batch_size=4", "trainer.total_training_steps=1"), 2),
+], ids=["critic_warmup", "parameter_sync_step"])
+def test_v1_one_controller_update_per_actor_update(tmp_path, gloo, hydra_module, store, registry, monkeypatch,
+                                                   overrides, actor_updates):
+    """Issue 22 item 4: the old-log-prob pass runs for every batch, the actor update only after the
+    critic's warm-up (and parameter_sync_step times per step). The controller steps once per actor
+    update, from the entropy of the batch that update trains on, and anchors on the first of them."""
+    cfg = verl_config(tmp_path, *overrides)
+    policy = TinyPolicy()
+    trainer, wg = build_v1(cfg, store, policy, monkeypatch)
+    if trainer.parameter_sync_step > 1:  # the replay buffer hands each local update its own prompts
+        sample_all, calls = trainer.replay_buffer.sample, []
+
+        def sample(**kw):
+            meta, m = sample_all(**kw)
+            part = len(calls) % trainer.parameter_sync_step
+            calls.append(part)
+            keys = [k for k in meta.keys if int(k.split("_")[0].split("-")[1]) % trainer.parameter_sync_step == part]
+            return KVBatchMeta(keys=keys, tags=[store.tags["train"][k] for k in keys], partition_id="train"), m
+
+        trainer.replay_buffer.sample = sample
+    fed, refs = [], []
+    aer_update = trainer.aer.update
+    monkeypatch.setattr(trainer.aer, "update", lambda e, m: fed.append(masked64(e, m)) or aer_update(e, m))
+    actor_update = wg.update_actor
+
+    def spy_update_actor(batch):
+        real = [k for k, tag in zip(batch.keys, batch.tags) if not tag.get("is_padding", False)]
+        refs.append(entropy_reference(policy, store, real))  # the weights the old-log-prob pass saw
+        return actor_update(batch)
+
+    wg.update_actor = spy_update_actor
+    trainer.fit(agent_loop_manager=None)
+    assert len(refs) == actor_updates and len(fed) == actor_updates
+    assert fed == pytest.approx(refs, rel=1e-5)
+    assert trainer.aer.regularizer.controller.steps == actor_updates
+    assert trainer.aer.regularizer.target.anchor == pytest.approx(refs[0], rel=1e-5)
+
+
+def masked64(entropy: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.double()
+    return float((entropy.double() * m).sum() / m.sum())
+
+
+def test_v1_state_is_written_before_verl_marks_the_checkpoint_and_required_on_resume(
+        tmp_path, gloo, hydra_module, store, registry, monkeypatch):
+    """Issue 22 item 3: aer_state.json exists before verl's _save_checkpoint saves the actor (and then
+    writes latest_checkpointed_iteration.txt); resuming from a checkpoint without it is an error naming
+    +aer.reanchor_on_missing_state, which starts AER anew on purpose."""
+    cfg = verl_config(tmp_path, f"trainer.default_local_dir={tmp_path / 'full'}", "trainer.total_training_steps=1")
+    trainer, wg = build_v1(cfg, store, TinyPolicy(), monkeypatch)
+    at_save = spy_state_at_save(wg)
+    trainer.fit(agent_loop_manager=None)
+    assert at_save == [True]
+    ckpt = tmp_path / "full" / "global_step_1"
+    assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    (ckpt / STATE_FILE).unlink()  # a checkpoint saved without AER
+    resume = ("trainer.total_training_steps=2", "trainer.resume_mode=resume_path", f"trainer.resume_from_path={ckpt}")
+    with pytest.raises(RuntimeError, match=r"holds no AER state.*\+aer\.reanchor_on_missing_state=true"):
+        run_v1(tmp_path, "resumed", store, monkeypatch, *resume)
+    resumed, log = run_v1(tmp_path, "reanchored", store, monkeypatch, *resume, "+aer.reanchor_on_missing_state=true")
+    assert len(log) == 1 and resumed.aer.regularizer.target.anchor == log[0]["actor/aer/entropy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,11 +802,12 @@ def test_legacy_ray_trainer_runs_aer(tmp_path, gloo, hydra_module, store, regist
     keys, batch = legacy_batch(store, policy, step=1)
     trainer.global_steps = 1
     old_log_prob, _ = trainer._compute_old_log_prob(batch)
-    assert trainer._aer_metrics["actor/aer/entropy"] == pytest.approx(entropy_reference(policy, store, keys), rel=1e-5)
+    assert trainer.aer.regularizer.last_entropy is None  # measured here, fed to the controller with the actor update
     batch = batch.union(old_log_prob.pop(batch_keys=["old_log_probs"]))
     batch = compute_advantage(batch, adv_estimator=cfg.algorithm.adv_estimator, num_repeat=N_ROLLOUT)
     out = trainer._update_actor(batch)
     metrics = out.meta_info["metrics"]
+    assert metrics["actor/aer/entropy"] == pytest.approx(entropy_reference(policy, store, keys), rel=1e-5)
     alpha = trainer.aer.regularizer.value
     assert metrics["actor/aer/coef"] == alpha and alpha > 0
     coefs = {k: float(c) for k, c in zip(keys, batch.batch[COEF_KEY])}
@@ -649,6 +822,44 @@ def test_legacy_ray_trainer_runs_aer(tmp_path, gloo, hydra_module, store, regist
     assert resumed.global_steps == 1
     assert resumed.aer.regularizer.state_dict() == trainer.aer.regularizer.state_dict()
     assert torch.equal(resumed.actor_rollout_wg.worker.engine.policy.W, policy.W)
+
+
+def test_legacy_dapo_correctness_state_before_verl_and_resume_policy(tmp_path, gloo, hydra_module, store, registry,
+                                                                     monkeypatch):
+    """Issue 22 items 1, 3, 4 on RayPPOTrainer: the coefficients come from non_tensor_batch["acc"]
+    (where fit puts the reward manager's reward_extra_info) rather than the penalised
+    token_level_scores; the controller steps with the actor update, not the old-log-prob pass; the
+    state is on disk before verl saves the actor and writes its tracker; a resume without it fails."""
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    cfg = verl_config(tmp_path, "trainer.use_v1=False", "actor_rollout_ref.actor.ppo_mini_batch_size=3")
+    policy = TinyPolicy()
+    trainer, wg = build_legacy(cfg, policy, monkeypatch)
+    keys, batch = legacy_batch(store, policy, step=1)
+    acc = np.array([solved(k.split("_")[0], int(k.split("_")[1])) for k in keys])
+    long = batch.batch["response_mask"].sum(-1).numpy() >= OVERLONG
+    assert (acc.astype(bool) & long).any()  # right answers that ran long
+    last = batch.batch["response_mask"].sum(-1) - 1
+    batch.batch["token_level_scores"][torch.arange(len(keys)), last] -= torch.from_numpy(PENALTY * long).float()
+    batch.non_tensor_batch["acc"] = acc.astype(bool)  # math_dapo's compute_score returns acc as a bool
+    trainer.global_steps = 1
+    old_log_prob, _ = trainer._compute_old_log_prob(batch)
+    assert trainer.aer.regularizer.controller.steps == 0  # a critic warm-up step would stop here
+    batch = batch.union(old_log_prob.pop(batch_keys=["old_log_probs"]))
+    batch = compute_advantage(batch, adv_estimator=cfg.algorithm.adv_estimator, num_repeat=N_ROLLOUT)
+    trainer._update_actor(batch)
+    assert trainer.aer.regularizer.controller.steps == 1
+    ref = expected_coefficients(keys, trainer.aer.regularizer.value, lambda u, s, k: solved(u, int(s)))
+    for k, c in zip(keys, batch.batch[COEF_KEY].tolist()):
+        assert c == pytest.approx(ref[k], rel=1e-6, abs=1e-12)
+
+    at_save = spy_state_at_save(wg)
+    trainer._save_checkpoint()
+    assert at_save == [True] and (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    (tmp_path / "ckpt" / "global_step_1" / STATE_FILE).unlink()
+    resumed, _ = build_legacy(verl_config(tmp_path, "trainer.use_v1=False"), TinyPolicy(seed=5), monkeypatch)
+    with pytest.raises(RuntimeError, match=r"global_step_1, which holds no AER state"):
+        resumed._load_checkpoint()
 
 
 # ----------------------------------------------------------------------------------------------

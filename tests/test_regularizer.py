@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,18 +248,30 @@ def test_bad_state_changes_nothing():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(target_ratio=0.0), "ratio"),
+        (dict(target_ratio=0.0), "target_ratio"),
         (dict(warmup_steps=0), "warmup_steps"),
-        (dict(coef_rule="pid"), "rule"),
-        (dict(coef_min=1.0, coef_max=0.1), "min_value"),
-        (dict(coef_lr=-1.0), "lr"),
-        (dict(difficulty_rule="cubic"), "rule"),
+        (dict(coef_rule="pid"), "coef_rule"),
+        (dict(coef_min=1.0, coef_max=0.1), "coef_min"),
+        (dict(coef_lr=-1.0), "coef_lr"),
+        (dict(coef_init=0.5), "coef_init"),
+        (dict(coef_damping=-1.0), "coef_damping"),
+        (dict(coef_smoothing=1.0), "coef_smoothing"),
+        (dict(coef_max=float("inf")), "coef_max"),
+        (dict(difficulty_rule="cubic"), "difficulty_rule"),
+        (dict(difficulty_threshold=2.0), "difficulty_threshold"),
         (dict(success_threshold=float("nan")), "success_threshold"),
     ],
 )
-def test_bad_config(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_config_errors_name_the_field_the_user_typed(kwargs, name):
+    """The message starts with AERConfig's field, never the component's own argument name."""
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         _reg(**kwargs)
+
+
+def test_config_names_leave_quoted_values_alone():
+    with pytest.raises(ValueError, match="'threshold'") as info:
+        _reg(difficulty_rule="cubic")  # the rule named 'threshold' is a value, not the field
+    assert "'difficulty_threshold'" not in str(info.value)
 
 
 def test_bad_loss_inputs():
@@ -316,5 +329,37 @@ def test_resolved_fills_each_none_with_the_rules_default():
         assert a.update(h) == b.update(h)
     assert a.state_dict() == b.state_dict()
     # A bad setting fails in resolved() as it would in the regularizer, naming the argument.
-    with pytest.raises(ValueError, match="min_value"):
+    with pytest.raises(ValueError, match="coef_min"):
         AERConfig(coef_min=0.0).resolved()
+
+
+# ---------------------------------------------------------------- state format versions
+
+FIXTURE_0_1_0 = Path(__file__).parent / "fixtures" / "state_0_1_0.json"
+# The 0.1 controller's behaviour in today's settings: integral rule alone, no smoothing, 0.1's range.
+SETTINGS_0_1 = dict(coef_rule="proportional", coef_init=0.0, coef_min=0.0, coef_damping=0.0, coef_smoothing=0.0)
+
+
+def test_state_written_by_0_1_0_resumes_as_0_1_0_continued():
+    """tests/fixtures/state_0_1_0.json was written by the 0.1.0 code (make_state_0_1_0.py)."""
+    fixture = json.loads(FIXTURE_0_1_0.read_text())
+    assert fixture["version"] == "0.1.0" and "format_version" not in fixture["state"]
+    reg = AdaptiveEntropyRegularizer(AERConfig(**{**SETTINGS_0_1, **fixture["settings"]}))
+    reg.load_state_dict(fixture["state"])
+    assert reg.state_dict()["format_version"] == 2
+    assert reg.controller.integral == fixture["state"]["controller"]["value"]
+    assert reg.controller.smoothed is None
+    alphas = []
+    for h in fixture["after"]:
+        reg.update(h)
+        alphas.append(reg.value)
+    assert alphas == pytest.approx(fixture["alphas_after"], rel=1e-12, abs=0.0)
+
+
+def test_state_of_an_unknown_format_version_is_refused_and_changes_nothing():
+    reg = _reg()
+    reg.update(1.0)
+    before = reg.state_dict()
+    with pytest.raises(ValueError, match=r"state\['format_version'\]"):
+        reg.load_state_dict({**before, "format_version": 3})
+    assert reg.state_dict() == before

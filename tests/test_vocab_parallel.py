@@ -200,6 +200,31 @@ def _check_unequal_shards_raise(rank, world):
         raise AssertionError("unequal shards were accepted")
 
 
+def _check_row_spread_past_float_range(rank, world):
+    """A row spanning +-3e38 (x - max x overflows float32): the label's log p is still float64's."""
+    z = torch.tensor([[3e38, -3e38, 0.0, 1e38] * world], dtype=F64)
+    vl = z.shape[1] // world
+    labels = torch.tensor([1])
+    for temp in (1e30, 1e6):
+        shard = z[:, rank * vl : (rank + 1) * vl].float()
+        logp, ent = token_logprobs_and_entropy(shard, labels, temperature=temp, process_group=dist.group.WORLD)
+        ref_logp, ref_ent = reference(z / temp, labels)
+        _close(logp, ref_logp, rtol=1e-5, atol=0.0)
+        _close(ent, ref_ent, rtol=1e-5, atol=0.0)
+        h = torch.ones(1, 1)
+        logp, ent = linear_token_entropy(h, shard.T.contiguous(), labels, temperature=temp, process_group=dist.group.WORLD)
+        _close(logp, ref_logp, rtol=1e-5, atol=0.0)
+
+
+def _check_process_group_type_is_named(rank, world):
+    try:
+        token_entropy(torch.randn(2, 3), process_group=123)
+    except TypeError as e:
+        assert "process_group" in str(e), e
+    else:
+        raise AssertionError("process_group=123 was accepted")
+
+
 def _worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -209,6 +234,8 @@ def _worker(rank: int, world: int, port: int) -> None:
         for seed in range(3):
             _check_linear_path(rank, world, seed=1000 * world + seed)
         _check_unequal_shards_raise(rank, world)
+        _check_row_spread_past_float_range(rank, world)
+        _check_process_group_type_is_named(rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()

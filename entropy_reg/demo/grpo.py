@@ -2,8 +2,9 @@
 
 One step, as an LLM RLVR trainer does it:
 
-1. draw ``prompts_per_step`` prompts (the data order is the same for every arm)
-   and sample ``group_size`` responses per prompt from the current policy;
+1. draw ``prompts_per_step`` prompts (the data order is the same for every arm;
+   a task with a finite pool is iterated in epochs, :class:`PromptStream`) and
+   sample ``group_size`` responses per prompt from the current policy;
 2. score them (0/1 verifiable reward), and form group-normalized advantages
    ``A_i = (r_i - mean_g r) / (std_g r + 1e-6)``;
 3. the rollout policy's log-probs and entropy come from the logits that
@@ -11,8 +12,8 @@ One step, as an LLM RLVR trainer does it:
    ~1e-6, so no second pass); the masked, token-weighted mean entropy
    (:func:`entropy_reg.masked_mean`) is the statistic the arm's controllers see;
 4. per-response coefficients from the arm, then ``minibatches`` optimizer steps
-   on the clipped-ratio loss minus the coefficient-weighted entropy, both
-   token-mean aggregated;
+   on the arm's policy loss (:mod:`entropy_reg.demo.losses`: GRPO's clip, Clip-Higher,
+   Clip-Cov or KL-Cov) minus the coefficient-weighted entropy, both token-mean aggregated;
 5. the arm's controllers update once from that step's entropy.
 """
 
@@ -22,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +32,9 @@ from ..aggregation import aggregate
 from ..distributed import masked_mean
 from ..entropy import token_logprobs_and_entropy
 from .arms import CoefficientSource
+from .losses import policy_loss
 from .policy import TinyTransformer, response_logits
-from .task import Batch, Task
+from .task import Batch, PoolTask, Task
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class ArmHistory:
     coef_by_bucket: dict[str, list[float | None]] = field(default_factory=dict)
     eval_step: list[int] = field(default_factory=list)
     eval_pass1: list[float] = field(default_factory=list)
+    eval_coverage: list[float | None] = field(default_factory=list)  # pool tasks: share of the pool solved so far
 
 
 def evaluate(
@@ -104,6 +108,40 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+class PromptStream:
+    """The prompts of each GRPO step, the same for every arm of a seed.
+
+    A :class:`~entropy_reg.demo.task.PoolTask` is iterated in epochs over its pool
+    (reshuffled each epoch; a step may straddle two epochs), and the stream keeps which
+    pool prompts have been solved at least once (any response of the group right):
+    :attr:`coverage` is that fraction. Any other task draws fresh prompts every step.
+    """
+
+    def __init__(self, task: Task, per_step: int, generator: torch.Generator) -> None:
+        self.task, self.per_step, self.generator = task, per_step, generator
+        self.pool = task.split("pool") if isinstance(task, PoolTask) else None
+        self.solved = torch.zeros(0 if self.pool is None else self.pool.prompts.shape[0], dtype=torch.bool)
+        self._order = torch.zeros(0, dtype=torch.long)
+        self._index = torch.zeros(0, dtype=torch.long)
+
+    def next(self) -> Batch:
+        if self.pool is None:
+            return self.task.sample(self.per_step, None, self.generator)
+        while self._order.numel() < self.per_step:
+            self._order = torch.cat([self._order, torch.randperm(self.solved.numel(), generator=self.generator)])
+        self._index, self._order = self._order[: self.per_step], self._order[self.per_step:]
+        return Batch(*(t[self._index] for t in (self.pool.prompts, self.pool.difficulty, self.pool.reference)))
+
+    def mark(self, rewards: Tensor, group_size: int) -> None:
+        """Record the last batch's solved prompts (``rewards`` ``[per_step * group_size]``)."""
+        if self.pool is not None:
+            self.solved[self._index[rewards.view(-1, group_size).amax(dim=1).cpu() > 0.5]] = True
+
+    @property
+    def coverage(self) -> float | None:
+        return float(self.solved.float().mean()) if self.pool is not None else None
+
+
 def train_arm(
     source: CoefficientSource,
     init_state: dict[str, Tensor],
@@ -114,8 +152,12 @@ def train_arm(
     seed: int,
     device: torch.device,
     on_step: Callable[[dict[str, float]], None] | None = None,
-) -> tuple[ArmHistory, dict[str, dict[str, float]], float]:
-    """Run one arm from ``init_state``; returns its history, final held-out metrics and wall time (s)."""
+) -> tuple[ArmHistory, dict[str, Any], float]:
+    """Run one arm from ``init_state``; returns its history, final metrics and wall time (s).
+
+    The final metrics are :func:`evaluate`'s on ``eval_prompts``; for a pool task also
+    ``"pool"`` (:func:`evaluate` on the training pool) and ``"coverage"`` (the share of
+    pool prompts solved at least once during training)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     policy = policy_factory().to(device)
@@ -126,47 +168,65 @@ def train_arm(
     # Same seeds for every arm: the same prompts in the same order, the same sampling stream.
     data_gen = torch.Generator().manual_seed(seed)
     sample_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    loss_gen = torch.Generator().manual_seed(seed + 4)  # Clip-Cov's random token choice
+    stream = PromptStream(task, config.prompts_per_step, data_gen)
     group_ids = torch.arange(config.prompts_per_step, device=device).repeat_interleave(config.group_size)
     hist = ArmHistory(coef_by_bucket={str(b): [] for b in task.buckets})
 
-    for step in range(config.steps + 1):
-        if step % config.eval_every == 0 or step == config.steps:
-            policy.eval()
-            res = evaluate(policy, task, eval_prompts, config.eval_samples, (), seed + 2)
-            hist.eval_step.append(step)
-            hist.eval_pass1.append(res["pass@1"]["all"])
-        if step == config.steps:
-            break
+    for step in range(config.steps):
+        if step % config.eval_every == 0:
+            _evaluate_during(policy, task, eval_prompts, config, seed, step, stream, hist)
         policy.train()
-        rollout = task.sample(config.prompts_per_step, None, data_gen).to(device).repeat(config.group_size)
+        rollout = stream.next().to(device).repeat(config.group_size)
         responses, sampler_logits = policy.generate(rollout.prompts, task.answer_len, sample_gen)
         mask = task.response_mask(responses)
         rewards = task.reward(rollout, responses)
-        advantages = _group_advantages(rewards, config.group_size)
+        stream.mark(rewards, config.group_size)
         old_logp, entropy = token_logprobs_and_entropy(sampler_logits, responses, mask=mask)
         mean_entropy = masked_mean(entropy, mask)
         coefs = source.coefficients(rewards, group_ids)
         _record(hist, step, float(mean_entropy), source, coefs, rollout.difficulty, rewards, task)
-
-        for idx in torch.randperm(rewards.numel(), generator=data_gen).to(device).chunk(config.minibatches):
-            logp, ent = token_logprobs_and_entropy(
-                response_logits(policy, rollout.prompts[idx], responses[idx]), responses[idx], mask=mask[idx]
-            )
-            ratio = torch.exp(logp - old_logp[idx])
-            adv = advantages[idx, None]
-            pg = -torch.minimum(ratio * adv, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * adv)
-            loss = aggregate(pg, mask[idx], "token-mean") + source.loss(ent, mask[idx], coefs[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        _optimize(policy, optimizer, schedule, source, rollout, responses, mask, old_logp,
+                  _group_advantages(rewards, config.group_size), coefs, config, data_gen, loss_gen)
         source.update(mean_entropy)
         if on_step is not None:
             on_step({"H": hist.entropy[-1], "coef": hist.coef[-1], "reward": hist.train_reward[-1]})
+    _evaluate_during(policy, task, eval_prompts, config, seed, config.steps, stream, hist)
 
     policy.eval()
-    final = evaluate(policy, task, eval_prompts, config.final_eval_samples, config.pass_k, seed + 3)
+    final: dict[str, Any] = evaluate(policy, task, eval_prompts, config.final_eval_samples, config.pass_k, seed + 3)
+    if stream.pool is not None:
+        final["pool"] = evaluate(policy, task, stream.pool.to(device), config.final_eval_samples, config.pass_k,
+                                 seed + 5)
+        final["coverage"] = stream.coverage
     return hist, final, time.perf_counter() - start
+
+
+def _evaluate_during(policy: TinyTransformer, task: Task, eval_prompts: Batch, config: GRPOConfig, seed: int,
+                     step: int, stream: PromptStream, hist: ArmHistory) -> None:
+    """Held-out pass@1 (``eval_samples`` per prompt) and the pool's coverage so far, into ``hist``."""
+    policy.eval()
+    res = evaluate(policy, task, eval_prompts, config.eval_samples, (), seed + 2)
+    hist.eval_step.append(step)
+    hist.eval_pass1.append(res["pass@1"]["all"])
+    hist.eval_coverage.append(stream.coverage)
+
+
+def _optimize(policy: TinyTransformer, optimizer: torch.optim.Optimizer, schedule: Any, source: CoefficientSource,
+              rollout: Batch, responses: Tensor, mask: Tensor, old_logp: Tensor, advantages: Tensor,
+              coefs: Tensor, config: GRPOConfig, data_gen: torch.Generator, loss_gen: torch.Generator) -> None:
+    """``config.minibatches`` AdamW steps on the arm's policy loss plus its entropy term."""
+    for idx in torch.randperm(advantages.numel(), generator=data_gen).to(advantages.device).chunk(config.minibatches):
+        logp, ent = token_logprobs_and_entropy(
+            response_logits(policy, rollout.prompts[idx], responses[idx]), responses[idx], mask=mask[idx]
+        )
+        adv = advantages[idx, None].expand_as(logp)
+        pg = policy_loss(source.spec.pg, logp, old_logp[idx], adv, mask[idx], loss_gen, config.clip_eps)
+        loss = aggregate(pg, mask[idx], "token-mean") + source.loss(ent, mask[idx], coefs[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
 
 
 def _record(

@@ -20,6 +20,8 @@ from statistics import mean
 from typing import Any
 
 COLLAPSE_FRACTION = 0.25
+# The figure's target band: within a factor 1.5 of AER's target.
+TARGET_BAND = 1.5
 
 
 def smoothing_window(steps: int) -> int:
@@ -48,7 +50,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         collapse = next((s for s, v in zip(run["history"]["step"], smooth) if v < COLLAPSE_FRACTION * h0), None)
         rows.append({"H0": h0, "H_late": smooth[-1], "H_min": min(smooth), "collapse_step": collapse,
                      "wall_s": run["wall_s"], "final": run["final"]})
-    metrics = rows[0]["final"].keys()
+    metrics = [m for m in rows[0]["final"] if m.startswith("pass@")]
     # The last target of each seed (anchored to that seed's own H0), averaged; None for arms without one.
     targets = [run["history"]["target"][-1] for run in runs]
     collapsed = [r["collapse_step"] for r in rows if r["collapse_step"] is not None]
@@ -61,6 +63,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "collapsed_seeds": len(collapsed),
         "wall_s": mean(r["wall_s"] for r in rows),
         "final": {m: {b: mean(r["final"][m][b] for r in rows) for b in rows[0]["final"][m]} for m in metrics},
+        # Pool tasks: the share of the pool solved at least once in training, and pass@k on the pool.
+        "coverage": mean(r["final"]["coverage"] for r in rows) if "coverage" in rows[0]["final"] else None,
+        "pool": ({m: mean(r["final"]["pool"][m]["all"] for r in rows) for m in metrics}
+                 if "pool" in rows[0]["final"] else None),
         "target": None if None in targets else mean(targets),
     }
 
@@ -68,10 +74,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def format_table(summary: dict[str, dict[str, Any]], buckets: list[int], n_seeds: int) -> str:
     """A Markdown table (readable in a terminal too) of the summary rows."""
     first = next(iter(summary.values()))
-    k_metric = next(m for m in first["final"] if m != "pass@1")
+    k_metric = max((m for m in first["final"] if m != "pass@1"), key=lambda m: int(m.split("@")[1]))
     names = "/".join(str(b) for b in buckets)
-    header = ["arm", f"pass@1 by digits {names}", "pass@1", f"{k_metric} by digits {names}", k_metric,
-              "H late", "H min", "collapse step", "wall s"]
+    pool = first.get("coverage") is not None
+    header = ["arm", f"pass@1 by bucket {names}", "pass@1", f"{k_metric} by bucket {names}", k_metric,
+              *(["pool coverage", f"pool {k_metric}"] if pool else []), "H late", "H min", "collapse step", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name, row in summary.items():
         f = row["final"]
@@ -84,6 +91,7 @@ def format_table(summary: dict[str, dict[str, Any]], buckets: list[int], n_seeds
             f"{f['pass@1']['all']:.3f}",
             " / ".join(f"{f[k_metric][str(b)]:.2f}" for b in buckets),
             f"{f[k_metric]['all']:.3f}",
+            *([f"{row['coverage']:.3f}", f"{row['pool'][k_metric]:.3f}"] if pool else []),
             f"{row['H_late']:.3f}",
             f"{row['H_min']:.3f}",
             collapse,
@@ -101,17 +109,18 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def plot(path: Path, results: dict[str, list[dict[str, Any]]], summary: dict[str, dict[str, Any]],
-         aer_arm: str | None, buckets: list[int], title: str) -> None:
-    """Four panels: entropy (with H0 and AER's target), the global coefficient, held-out
-    pass@1, and the AER arm's mean coefficient per difficulty bucket. Curves are
-    seed means; entropy and per-difficulty coefficients are drawn after the moving
-    average of :func:`smoothing_window` steps."""
+         aer_arm: str | None, buckets: list[int], title: str, bucket_names: dict[int, str] | None = None) -> None:
+    """Six panels: entropy (with H0 and AER's target band), the global coefficient (log axis),
+    held-out pass@1 during training, held-out pass@k at the end (k = 1 .. the largest k), the
+    pool's coverage during training (pool tasks) and the AER arm's mean coefficient per
+    difficulty bucket. Curves are seed means; entropy and per-difficulty coefficients are
+    drawn after the moving average of :func:`smoothing_window` steps."""
     # The object API renders with Agg and leaves pyplot's global backend alone.
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 8.5), layout="constrained")
-    ax_h, ax_c, ax_a, ax_d = fig.subplots(2, 2).flat
+    fig = Figure(figsize=(18, 9), layout="constrained")
+    ax_h, ax_c, ax_a, ax_k, ax_v, ax_d = fig.subplots(2, 3).flat
     colors = colormaps["tab10"]
     for i, (name, runs) in enumerate(results.items()):
         color = colors(i % 10)
@@ -120,21 +129,41 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], summary: dict[str
         h = _seed_mean([r["history"]["entropy"] for r in runs])
         ax_h.plot(steps, h, color=color, alpha=0.18, lw=0.8)
         ax_h.plot(steps, moving_average(h, window), color=color, lw=2, label=name)
-        ax_c.plot(steps, _seed_mean([r["history"]["coef"] for r in runs]), color=color, lw=2, label=name)
+        coef = _seed_mean([r["history"]["coef"] for r in runs])
+        if max(coef) > 0:  # a log axis has no 0: arms without a coefficient are left out
+            ax_c.plot(steps, coef, color=color, lw=2, label=name)
         ax_a.plot(runs[0]["history"]["eval_step"], _seed_mean([r["history"]["eval_pass1"] for r in runs]),
                   color=color, lw=2, marker="o", ms=3, label=name)
+        ks = sorted(int(m.split("@")[1]) for m in summary[name]["final"])
+        ax_k.plot(ks, [summary[name]["final"][f"pass@{k}"]["all"] for k in ks], color=color, lw=2, label=name)
+        coverage = runs[0]["history"].get("eval_coverage") or [None]
+        if coverage[0] is not None:
+            ax_v.plot(runs[0]["history"]["eval_step"], _seed_mean([r["history"]["eval_coverage"] for r in runs]),
+                      color=color, lw=2, marker="o", ms=3, label=name)
     h0 = mean(row["H0"] for row in summary.values())
     seed_mean = " (seed mean)" if len(next(iter(results.values()))) > 1 else ""
     ax_h.axhline(h0, color="black", ls=":", lw=1.2, label=f"H0 = {h0:.2f}{seed_mean} (warm start)")
     if aer_arm is not None and summary[aer_arm]["target"] is not None:
         target = summary[aer_arm]["target"]
         ax_h.axhline(target, color="black", ls="--", lw=1.5, label=f"AER target = {target:.2f}{seed_mean}")
+        ax_h.axhspan(target / TARGET_BAND, target * TARGET_BAND, color="black", alpha=0.06,
+                     label=f"target band (x/÷ {TARGET_BAND:g})")
     ax_h.axhline(COLLAPSE_FRACTION * h0, color="grey", ls="-.", lw=1, label=f"collapse line ({COLLAPSE_FRACTION:g} H0)")
     # Log scale: collapse (towards 0) and blow-up (towards log V) are both visible.
     ax_h.set(title="Policy entropy on its own rollouts (log scale)", xlabel="GRPO step",
              ylabel="mean token entropy (nats)", yscale="log")
-    ax_c.set(title="Global entropy coefficient alpha (arm colors as in the entropy panel)", xlabel="GRPO step", ylabel="alpha")
+    ax_c.set(title="Global entropy coefficient alpha (log scale; none: not drawn)", xlabel="GRPO step", ylabel="alpha",
+             yscale="log")
     ax_a.set(title="Held-out pass@1, all difficulties (arm colors as above)", xlabel="GRPO step", ylabel="pass@1")
+    ax_k.set(title="Held-out pass@k at the end", xlabel="k (log scale)", ylabel="pass@k", xscale="log")
+    ax_k.set_xticks([k for k in (1, 2, 4, 8, 16, 32, 64) if k <= ks[-1]], [str(k) for k in (1, 2, 4, 8, 16, 32, 64)
+                                                                          if k <= ks[-1]])
+    if ax_v.lines:
+        ax_v.set(title="Pool coverage: share of training prompts solved at least once", xlabel="GRPO step",
+                 ylabel="coverage")
+    else:
+        ax_v.text(0.5, 0.5, "no training pool in this task", ha="center", va="center", transform=ax_v.transAxes)
+        ax_v.set_axis_off()
     if aer_arm is not None:
         runs = results[aer_arm]
         steps = runs[0]["history"]["step"]
@@ -142,7 +171,8 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], summary: dict[str
         for j, b in enumerate(buckets):
             series = _seed_mean([_forward_fill(r["history"]["coef_by_bucket"][str(b)]) for r in runs])
             ax_d.plot(steps, moving_average(series, smoothing_window(len(steps))),
-                      color=shades(j / max(1, len(buckets) - 1)), lw=2, label=f"{b} digits")
+                      color=shades(j / max(1, len(buckets) - 1)), lw=2,
+                      label=(bucket_names or {}).get(b, f"{b} digits"))
         ax_d.set(title=f"{aer_arm}: mean coefficient per difficulty (alpha x weight)", xlabel="GRPO step",
                  ylabel="coefficient")
     else:
@@ -153,7 +183,7 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], summary: dict[str
     ax_h.set_ylim(low * 0.12, high)
     ax_h.legend(fontsize=8, ncol=3, loc="lower center")
     # One legend for the arms (the entropy panel's): the same colors in every panel.
-    for ax in (ax_h, ax_c, ax_a, ax_d):
+    for ax in (ax_h, ax_c, ax_a, ax_k, ax_v, ax_d):
         ax.grid(alpha=0.3)
     if aer_arm is not None:
         ax_d.legend(fontsize=8)

@@ -24,28 +24,41 @@ from .arms import DEMO_AER, ArmSpec, CoefficientSource
 from .grpo import GRPOConfig, train_arm
 from .policy import PolicyConfig, TinyTransformer
 from .report import COLLAPSE_FRACTION, format_table, plot, summarize, write_json
-from .task import BUILTIN_TASKS, Task
+from .task import BUILTIN_TASKS, Batch, PoolTask, Task
 from .warmstart import WarmStartConfig, warm_start
 
-# The demo's default run: the study's tuning setting (benchmarks/aer_study.py: digitsum, small
-# policy, 150 steps), three seeds so that no single seed's luck decides the table.
-DEMO_TASK = "digitsum"
+# The demo's default run: the study's tuning setting (benchmarks/aer_study.py: the modes task, where
+# entropy collapse costs; small policy, 150 steps), three seeds so that no single seed's luck
+# decides the table; pass@k for k = 1..64 on the test split at the end.
+DEMO_TASK = "modes"
 DEMO_STEPS = 150
 DEMO_EVAL_EVERY = 15
 DEMO_SEEDS = 3
-# Constants of the fixed-coefficient arms (from the study's grid on that setting): "low" slows
-# the collapse, "high" blows entropy up.
+MAX_K = 64
+# Constants of the fixed-coefficient arms (from the study's grid on that setting): "low" keeps
+# exploring, "high" blows entropy up.
 LOW_COEF = 0.03
 HIGH_COEF = 0.3
-QUICK = {"steps": 40, "eval_every": 10, "eval_prompts_per_bucket": 16, "final_eval_samples": 8}
+DEMO = {"steps": DEMO_STEPS, "eval_every": DEMO_EVAL_EVERY, "final_eval_samples": MAX_K,
+        "pass_k": tuple(range(1, MAX_K + 1))}
+QUICK = {"steps": 40, "eval_every": 10, "eval_prompts_per_bucket": 16, "final_eval_samples": 8,
+         "pass_k": tuple(range(1, 9))}
 # Held-out prompts come from their own fixed seed, identical for every seed and arm. (The
 # 1-digit bucket has only 100 distinct problems, so those also occur in training.)
 EVAL_SEED = 1_000_003
 
 
+def held_out(task: Task, per_bucket: int) -> Batch:
+    """A pool task's test split, else ``per_bucket`` prompts per bucket from :data:`EVAL_SEED`."""
+    if isinstance(task, PoolTask):
+        return task.split("test")
+    return task.make(torch.tensor(task.buckets).repeat_interleave(per_bucket), torch.Generator().manual_seed(EVAL_SEED))
+
+
 def arm_specs(ablate: bool) -> list[ArmSpec]:
     specs = [
         ArmSpec("no entropy", "none"),
+        ArmSpec("Clip-Higher", "none", pg="clip-higher"),
         ArmSpec(f"fixed {LOW_COEF:g}", "fixed", LOW_COEF),
         ArmSpec(f"fixed {HIGH_COEF:g}", "fixed", HIGH_COEF),
         ArmSpec("AER", "aer"),
@@ -95,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute; used by the tests)")
     parser.add_argument("--task", choices=sorted(BUILTIN_TASKS), default=DEMO_TASK,
-                        help=f"the task (default {DEMO_TASK}: many right answers per prompt, entropy collapses)")
+                        help=f"the task (default {DEMO_TASK}: a finite pool and a rare answer mode, "
+                             "where collapse costs)")
     parser.add_argument("--steps", type=_positive_int, help=f"GRPO steps per arm (default {DEMO_STEPS})")
     parser.add_argument("--seeds", type=_positive_int,
                         help=f"number of seeds (default {DEMO_SEEDS}; 1 with --quick)")
@@ -127,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"the demo needs matplotlib and tqdm: pip install 'entropy-reg[demo]' ({exc})", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    config = GRPOConfig(**(QUICK if args.quick else {"steps": DEMO_STEPS, "eval_every": DEMO_EVAL_EVERY}))
+    config = GRPOConfig(**(QUICK if args.quick else DEMO))
     if args.steps is not None:
         config = replace(config, steps=args.steps, eval_every=min(config.eval_every, args.steps))
     task = BUILTIN_TASKS[args.task]()
@@ -138,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
     specs = arm_specs(args.ablate)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    eval_prompts = task.make(torch.tensor(task.buckets).repeat_interleave(config.eval_prompts_per_bucket),
-                             torch.Generator().manual_seed(EVAL_SEED)).to(device)
+    eval_prompts = held_out(task, config.eval_prompts_per_bucket).to(device)
     started = time.perf_counter()
     payload: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
@@ -150,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "collapse_fraction": COLLAPSE_FRACTION, "runs": {}, "summary": {},
     }
     aer_name = next((s.name for s in specs if s.kind == "aer"), None)
-    title = (f"GRPO on the {task.name} task (difficulties {task.buckets[0]}-{task.buckets[-1]}), tiny transformer, "
+    title = (f"GRPO on the {task.name} task (buckets {task.buckets[0]}-{task.buckets[-1]}), tiny transformer, "
              f"{config.steps} steps, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     try:
         states = {}
@@ -197,4 +210,5 @@ def _write_outputs(out: Path, payload: dict[str, Any], task: Task, n_seeds: int,
     write_json(out / "results.json", payload)
     (out / "table.md").write_text(format_table(payload["summary"], task.buckets, n_seeds) + "\n")
     aer = aer_name if aer_name in payload["runs"] else None
-    plot(out / "entropy_demo.png", payload["runs"], payload["summary"], aer, task.buckets, title)
+    plot(out / "entropy_demo.png", payload["runs"], payload["summary"], aer, task.buckets, title,
+         getattr(task, "bucket_names", None))

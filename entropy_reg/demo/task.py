@@ -20,6 +20,11 @@ and a 0/1 verifiable reward, and bucket their prompts by difficulty:
 In both, the end token makes answers variable-length, so the response mask
 matters as it does with a real LLM.
 
+:class:`OrderedSumTask` (``modes``) is the task built for exploration (the regime
+where entropy collapse costs): digitsum whose prompts also name an order, a
+finite training pool and a disjoint test split, and a warm start that sees the
+rare order's answers only at a small rate (see the class).
+
 A task for :mod:`entropy_reg.demo` or ``benchmarks/aer_study.py`` is any object
 with the members of :class:`Task` (subclassing :class:`DigitTask` gives
 ``sample``, ``answers`` and ``response_mask``); ``--task module:factory``
@@ -29,6 +34,7 @@ plugs one in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -38,6 +44,9 @@ PLUS = 10
 EQUALS = 11
 EOS = 12
 VOCAB_SIZE = 13
+# The order tokens of OrderedSumTask (its vocabulary is VOCAB_SIZE + 2).
+ASCENDING = 13
+DESCENDING = 14
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,20 @@ class Task(Protocol):
 
     def reward(self, batch: Batch, responses: Tensor) -> Tensor:
         """Float32 ``[B]`` verifiable reward of each response to the matching prompt."""
+
+
+@runtime_checkable
+class PoolTask(Task, Protocol):
+    """A task with a finite training pool and a disjoint test split (as RLVR runs iterate a
+    fixed data set in epochs). The demo's GRPO then draws its prompts from ``split("pool")``
+    in shuffled epochs, tracks the pool's coverage, and evaluates on ``split("test")``.
+    ``warm_sample`` draws the warm start's data (which may differ from the right answers)."""
+
+    def split(self, name: str) -> Batch:
+        """The fixed prompts of ``name`` ("pool" or "test"), with right reference answers."""
+
+    def warm_sample(self, n: int, generator: torch.Generator) -> Batch:
+        """``n`` supervised examples for the warm start."""
 
 
 class DigitTask:
@@ -206,6 +229,35 @@ class AdditionTask(DigitTask):
         return match.all(dim=1).float()
 
 
+def _digitsum_answers(n: Tensor, total: Tensor, width: int, generator: torch.Generator) -> Tensor:
+    """``[B, width]``: ``n`` digits summing to ``total`` (zeros after them), each digit uniform among
+    those that leave a reachable remainder."""
+    rest = total.clone()
+    digits = []
+    for i in range(width):
+        left = (n - i - 1).clamp(min=0)  # digits still to write after this one
+        lo = (rest - 9 * left).clamp(min=0)
+        hi = rest.clamp(max=9)
+        u = torch.rand(n.numel(), generator=generator, dtype=torch.float64)
+        d = torch.where(i < n, lo + (u * (hi - lo + 1)).long(), torch.zeros_like(n))
+        digits.append(d)
+        rest = rest - d
+    return torch.stack(digits, dim=1)
+
+
+def _sums_to_target(batch: Batch, responses: Tensor) -> tuple[Tensor, Tensor]:
+    """(right [B], body [B, L]): whether each response is ``n`` digits summing to ``S`` then EOS
+    (prompt ``S % 10, S // 10, _, n``), and which positions are its ``n`` digits."""
+    total = batch.prompts[:, 0] + 10 * batch.prompts[:, 1]
+    n = batch.prompts[:, 3]
+    pos = torch.arange(responses.shape[1], device=responses.device)[None, :]
+    body = pos < n[:, None]
+    digits_ok = ((responses < 10) | ~body).all(dim=1)
+    ends = responses.gather(1, n[:, None]).squeeze(1) == EOS
+    sums = torch.where(body, responses, torch.zeros_like(responses)).sum(dim=1) == total
+    return digits_ok & ends & sums, body
+
+
 class DigitSumTask(DigitTask):
     """``S + n =``: write ``n`` digits whose sum is ``S``, then EOS.
 
@@ -232,31 +284,125 @@ class DigitSumTask(DigitTask):
     def make(self, difficulty: Tensor, generator: torch.Generator) -> Batch:
         n = difficulty.long()
         total = (torch.rand(n.numel(), generator=generator, dtype=torch.float64) * (9 * n + 1)).long()
-        rest = total.clone()
-        digits = []
-        for i in range(self.max_len):
-            left = (n - i - 1).clamp(min=0)  # digits still to write after this one
-            lo = (rest - 9 * left).clamp(min=0)
-            hi = rest.clamp(max=9)
-            u = torch.rand(n.numel(), generator=generator, dtype=torch.float64)
-            d = torch.where(i < n, lo + (u * (hi - lo + 1)).long(), torch.zeros_like(n))
-            digits.append(d)
-            rest = rest - d
+        digits = _digitsum_answers(n, total, self.max_len, generator)
         prompts = torch.stack(
             [total % 10, total // 10, torch.full_like(n, PLUS), n, torch.full_like(n, EQUALS)], dim=1
         )
-        return Batch(prompts=prompts, difficulty=n, reference=_end_at(torch.stack(digits, dim=1), n, self.answer_len))
+        return Batch(prompts=prompts, difficulty=n, reference=_end_at(digits, n, self.answer_len))
 
     def reward(self, batch: Batch, responses: Tensor) -> Tensor:
         """1.0 where the response is ``n`` digits summing to ``S`` followed by EOS, else 0.0."""
-        total = batch.prompts[:, 0] + 10 * batch.prompts[:, 1]
-        n = batch.prompts[:, 3]
-        pos = torch.arange(responses.shape[1], device=responses.device)[None, :]
-        body = pos < n[:, None]
-        digits_ok = ((responses < 10) | ~body).all(dim=1)
-        ends = responses.gather(1, n[:, None]).squeeze(1) == EOS
-        sums = torch.where(body, responses, torch.zeros_like(responses)).sum(dim=1) == total
-        return (digits_ok & ends & sums).float()
+        return _sums_to_target(batch, responses)[0].float()
 
 
-BUILTIN_TASKS = {"addition": AdditionTask, "digitsum": DigitSumTask}
+class OrderedSumTask(DigitTask):
+    """``S n ORDER =``: write ``n`` digits that sum to ``S``, in the order the prompt names, then EOS.
+
+    The prompt is ``[S mod 10, S div 10, ORDER, n, =]`` with ``ORDER`` the token
+    :data:`ASCENDING` (digits non-decreasing: the common mode) or :data:`DESCENDING`
+    (non-increasing: the rare mode). Buckets: 0 = ascending prompts, 1 = descending.
+
+    Built so that exploration decides what gets solved:
+
+    - **finite pool, disjoint test split**: every prompt ``(S, n, ORDER)`` with
+      ``1 <= n <= max_len`` (``2 * sum_n (9n + 1)`` prompts, 280 for ``max_len = 5``) goes,
+      by a fixed permutation, to the training pool (``pool_fraction`` of them) or the test split;
+    - **a rare answer mode**: the warm start's data (:meth:`warm_sample`) answers a
+      descending prompt in descending order only with probability ``rare_rate`` and in
+      ascending order otherwise (the base model's habit), so the warm-started policy
+      samples right answers to descending prompts rarely. A policy whose entropy has
+      collapsed onto the ascending habit never samples them, and what is never sampled is
+      never reinforced.
+
+    Prompts whose answer is unique (``S = 0`` or ``9n``, or ``n = 1``) read the same in both
+    orders. Args: ``max_len`` (at most 9), ``rare_rate`` in [0, 1], ``pool_fraction`` in (0, 1).
+    """
+
+    name = "modes"
+    vocab_size = VOCAB_SIZE + 2
+    buckets = [0, 1]
+    bucket_names = {0: "ascending (common mode)", 1: "descending (rare mode)"}
+    warm_difficulty_probs = (0.5, 0.5)
+    SPLIT_SEED = 20_251_012
+
+    def __init__(self, max_len: int = 5, rare_rate: float = 0.1, pool_fraction: float = 0.6) -> None:
+        self.max_len = _check_size(max_len, "max_len", 9)
+        for value, name, closed in ((rare_rate, "rare_rate", True), (pool_fraction, "pool_fraction", False)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            if not (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0):
+                raise ValueError(f"{name} must be in {'[0, 1]' if closed else '(0, 1)'}, got {value}")
+        self.rare_rate = float(rare_rate)
+        self.pool_fraction = float(pool_fraction)
+        self.prompt_len = 5
+        self.answer_len = max_len + 1
+        order, n, total = [], [], []
+        for mode in self.buckets:
+            for length in range(1, max_len + 1):
+                for s in range(9 * length + 1):
+                    order.append(mode)
+                    n.append(length)
+                    total.append(s)
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.SPLIT_SEED))
+        cut = round(self.pool_fraction * len(order))
+        self._all = (torch.tensor(order)[perm], torch.tensor(n)[perm], torch.tensor(total)[perm])
+        self._splits = {"pool": slice(0, cut), "test": slice(cut, len(order))}
+
+    def key(self) -> dict[str, Any]:
+        return {"name": self.name, "max_len": self.max_len, "rare_rate": self.rare_rate,
+                "pool_fraction": self.pool_fraction, "split_seed": self.SPLIT_SEED}
+
+    def split(self, name: str) -> Batch:
+        if name not in self._splits:
+            raise ValueError(f"split must be 'pool' or 'test', got {name!r}")
+        order, n, total = (t[self._splits[name]] for t in self._all)
+        return self._batch(order, n, total, order == 1, torch.Generator().manual_seed(self.SPLIT_SEED))
+
+    def make(self, difficulty: Tensor, generator: torch.Generator) -> Batch:
+        """Prompts of the given orders (0 ascending, 1 descending), ``n`` and ``S`` uniform."""
+        order = difficulty.long()
+        n = 1 + (torch.rand(order.numel(), generator=generator, dtype=torch.float64) * self.max_len).long()
+        total = (torch.rand(order.numel(), generator=generator, dtype=torch.float64) * (9 * n + 1)).long()
+        return self._batch(order, n, total, order == 1, generator)
+
+    def warm_sample(self, n: int, generator: torch.Generator) -> Batch:
+        """Warm-start data: prompts of both orders from the pool, each answered ascending except a
+        descending prompt's, answered descending with probability ``rare_rate``."""
+        order, length, total = (t[self._splits["pool"]] for t in self._all)
+        index = torch.randint(0, order.numel(), (n,), generator=generator)
+        order, length, total = order[index], length[index], total[index]
+        rare = (order == 1) & (torch.rand(n, generator=generator, dtype=torch.float64) < self.rare_rate)
+        return self._batch(order, length, total, rare, generator)
+
+    def _batch(self, order: Tensor, n: Tensor, total: Tensor, descending: Tensor,
+               generator: torch.Generator) -> Batch:
+        digits = _digitsum_answers(n, total, self.max_len, generator)
+        # Sort the n real digits (the zeros after them sort to the end: large keys).
+        pos = torch.arange(self.max_len)[None, :]
+        keys = torch.where(pos < n[:, None], digits, torch.full_like(digits, 100))
+        up = keys.sort(dim=1).values
+        # Descending: the n real digits of ``up`` read backwards.
+        down = torch.gather(up, 1, (n[:, None] - 1 - pos).clamp(min=0))
+        ordered = torch.where(descending[:, None], down, up)
+        ordered = torch.where(pos < n[:, None], ordered, torch.zeros_like(ordered))
+        prompts = torch.stack([total % 10, total // 10, torch.where(order == 1, DESCENDING, ASCENDING), n,
+                               torch.full_like(n, EQUALS)], dim=1)
+        return Batch(prompts=prompts, difficulty=order, reference=_end_at(ordered, n, self.answer_len))
+
+    def reward(self, batch: Batch, responses: Tensor) -> Tensor:
+        """1.0 where the response is ``n`` digits summing to ``S`` in the prompt's order, then EOS."""
+        right, body = _sums_to_target(batch, responses)
+        descending = batch.prompts[:, 2] == DESCENDING
+        step = responses[:, 1:] - responses[:, :-1]  # consecutive differences within the body
+        ordered = torch.where(descending[:, None], step <= 0, step >= 0) | ~body[:, 1:]
+        return (right & ordered.all(dim=1)).float()
+
+
+def long_ordered_sum() -> OrderedSumTask:
+    """``modes-long``: :class:`OrderedSumTask` with answers of up to 6 digits (a bigger pool, rarer orders)."""
+    return OrderedSumTask(max_len=6)
+
+
+BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
+    "addition": AdditionTask, "digitsum": DigitSumTask, "modes": OrderedSumTask, "modes-long": long_ordered_sum,
+}

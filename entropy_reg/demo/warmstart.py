@@ -1,7 +1,8 @@
 """Supervised warm start ("the base model"), cached so every arm starts from the same weights.
 
 A short run of teacher-forced cross-entropy on instances skewed towards easy
-ones gives the policy what a pretrained LLM brings to RL: competence that falls
+ones (or a pool task's own warm-start data, ``warm_sample``) gives the policy
+what a pretrained LLM brings to RL: competence that falls
 with difficulty and a measurable, non-trivial initial entropy. The weights are
 saved under the output folder, keyed by everything that determines them, so a
 second run (or a second arm) loads instead of retraining.
@@ -18,7 +19,7 @@ import torch
 
 from ..entropy import token_logprobs_and_entropy
 from .policy import PolicyConfig, TinyTransformer, response_logits
-from .task import Task
+from .task import PoolTask, Task
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def warm_start(
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(config.steps):
-        batch = task.sample(config.batch_size, list(task.warm_difficulty_probs), generator)
+        batch = (task.warm_sample(config.batch_size, generator) if isinstance(task, PoolTask)
+                 else task.sample(config.batch_size, list(task.warm_difficulty_probs), generator))
         targets, mask = task.answers(batch)
         logp, _ = token_logprobs_and_entropy(response_logits(policy, batch.prompts, targets), targets, mask=mask)
         loss = -(logp * mask).sum() / mask.sum()

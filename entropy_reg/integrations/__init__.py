@@ -23,16 +23,22 @@ file beside a trainer checkpoint. See ``docs/integrations.md``.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..distributed import all_reduce_sum
-from ..regularizer import AdaptiveEntropyRegularizer, AERConfig
+from ..regularizer import AdaptiveEntropyRegularizer, AERConfig, config_names
 
-__all__ = ["EntropyWindow", "STATE_FILE", "save_state", "load_state", "as_regularizer"]
+__all__ = [
+    "EntropyWindow", "STATE_FILE", "save_state", "load_state", "as_regularizer", "checked_regularizer",
+    "check_resumed",
+]
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "aer_state.json"
 
@@ -45,6 +51,38 @@ def as_regularizer(regularizer: AdaptiveEntropyRegularizer | AERConfig | None) -
         return AdaptiveEntropyRegularizer(regularizer)
     raise TypeError(
         f"regularizer must be an AdaptiveEntropyRegularizer, an AERConfig or None, got {type(regularizer).__name__}"
+    )
+
+
+def checked_regularizer(config: AERConfig, flag: Callable[[str], str]) -> AdaptiveEntropyRegularizer:
+    """The regularizer of ``config``; a bad setting raises its error naming the setting as the user typed it.
+
+    ``flag`` maps an :class:`AERConfig` field (which the regularizer's errors name) to the
+    launcher's spelling (``--aer.coef_max``, ``+aer.coef_max``). Same exception type, same
+    text otherwise.
+    """
+    with config_names({field: flag(field) for field in AERConfig.__dataclass_fields__}):
+        return as_regularizer(config)
+
+
+def check_resumed(regularizer: AdaptiveEntropyRegularizer, restored: bool, checkpoint: str, setting: str) -> None:
+    """After a trainer resumed from ``checkpoint``: raise unless AER's state came with it (``restored``).
+
+    Without the state AER would start anew, anchoring its target on the
+    already-trained policy: a different run from there on, so it is refused
+    (RuntimeError) unless ``regularizer.config.reanchor_on_missing_state`` asks
+    for exactly that (then a warning). ``setting`` is how the user turns it on.
+    """
+    if restored:
+        return
+    if regularizer.config.reanchor_on_missing_state:
+        logger.warning("AER: %s holds no AER state; AER starts anew and anchors its target on the resumed policy "
+                       "(%s)", checkpoint, setting)
+        return
+    raise RuntimeError(
+        f"AER: resuming from {checkpoint}, which holds no AER state (saved without AER, or interrupted before AER's "
+        "state was written). AER would start anew and anchor its target on the already-trained policy: a different "
+        f"run from here on. Resume from a checkpoint saved with AER, or set {setting} to start AER anew on purpose."
     )
 
 

@@ -40,7 +40,13 @@ TRL's own method first:
   window's token-mean entropy is all-reduced across processes and fed once to
   :meth:`AdaptiveEntropyRegularizer.update`.
 - ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: ``aer_state.json``
-  in each ``checkpoint-N`` folder, restored by ``resume_from_checkpoint``.
+  in each ``checkpoint-N`` folder, restored by ``resume_from_checkpoint``; a
+  checkpoint without it raises unless ``AERConfig(reanchor_on_missing_state=True)``.
+
+``AERConfig.fused_entropy`` has no effect here: TRL 1.16's GRPO already computes
+the log-probs and the entropy in one pass of its own fused LM head, without the
+logits; ``benchmarks/bench_integrations.py`` compares it with ours (see
+``docs/integrations.md``, "The entropy kernel inside the actor update").
 
 Metrics go through TRL's ``_metrics`` to whatever logger the run reports to.
 Training: ``aer/coef``, ``aer/target``, ``aer/entropy`` once per optimizer
@@ -72,7 +78,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from ..regularizer import AdaptiveEntropyRegularizer, AERConfig
-from . import EntropyWindow, as_regularizer, load_state, save_state
+from . import EntropyWindow, as_regularizer, check_resumed, load_state, save_state
 
 __all__ = ["AERGRPOTrainer", "WEIGHTS_KEY", "METRIC_PREFIX"]
 
@@ -197,4 +203,5 @@ class AERGRPOTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            load_state(self.aer, checkpoint, missing_ok=True)
+            restored = load_state(self.aer, checkpoint, missing_ok=True)
+            check_resumed(self.aer, restored, checkpoint, "AERConfig(reanchor_on_missing_state=True)")

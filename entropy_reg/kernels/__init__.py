@@ -64,6 +64,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def scaled_gap(x: Tensor, m: Tensor, inv_temp: float) -> Tensor:
+    """(x - m) / T, also where x and m are finite but x - m overflows (a row spread past float range).
+
+    Halving both first is exact for such magnitudes and cannot overflow; elsewhere x - m is kept, as
+    it is exact near the max (where a log-probability's digits are).
+    """
+    gap = (x - m) * inv_temp
+    return torch.where(gap.isinf() & x.isfinite() & m.isfinite(), (x * 0.5 - m * 0.5) * (2.0 * inv_temp), gap)
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Map a user's ``backend`` choice to "torch" or "triton" for ``dtype`` tensors on ``device``.
 

@@ -46,7 +46,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from . import Rows, Upstream, compute_dtype
+from . import Rows, Upstream, compute_dtype, scaled_gap
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -137,7 +137,7 @@ def forward(x3: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
         stats[1, sel] = c
         if labels is not None:
             y = labels[sel].unsqueeze(1)
-            logp[sel] = (xc.gather(1, y).to(d.dtype) - m).squeeze(1) * inv_temp - c
+            logp[sel] = scaled_gap(xc.gather(1, y).to(d.dtype), m, inv_temp).squeeze(1) - c
     return logp, entropy, stats
 
 

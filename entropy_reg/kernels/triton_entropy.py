@@ -60,6 +60,15 @@ def _log1p(x):
 
 
 @triton.jit
+def _scaled_gap(x, m, inv_temp):
+    # (x - m) / T; where finite x and m differ by more than float32's range, x - m overflows, and
+    # halving both first is exact and cannot (as kernels.scaled_gap).
+    gap = (x - m) * inv_temp
+    spread = (tl.abs(gap) == float("inf")) & (tl.abs(x) < float("inf")) & (tl.abs(m) < float("inf"))
+    return tl.where(spread, (x * 0.5 - m * 0.5) * (inv_temp * 2.0), gap)
+
+
+@triton.jit
 def _finish_row(m, top, r, u2, x_base, labels_ptr, V, inv_temp, row, logp_ptr, ent_ptr, m_ptr, c_ptr, HAS_LABELS: tl.constexpr):
     # From m = max x and s = top + r = sum 2^d, u2 = sum 2^d d with d = (x - m) log2(e) / T, where
     # top = 1 is one copy of the max (0 when the row has none: all -inf) and r is every other term:
@@ -76,7 +85,7 @@ def _finish_row(m, top, r, u2, x_base, labels_ptr, V, inv_temp, row, logp_ptr, e
         y = tl.load(labels_ptr + row)
         # An id outside [0, V) gives NaN instead of a read out of bounds (checking on the host would sync).
         x_y = tl.load(x_base + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32)
-        tl.store(logp_ptr + row, (x_y - m) * inv_temp - c)
+        tl.store(logp_ptr + row, _scaled_gap(x_y, m, inv_temp) - c)
 
 
 @triton.jit
@@ -173,7 +182,7 @@ def _merge_kernel(
     # Parameters as _fwd_kernel's; SPLITS = num_splits rounded up to a power of two.
     # Merge the slices' (m_k, r_k, u_k) of one row (m_k = -inf: the slice has no max, r_k = u_k = 0):
     #   M = max m_k,  delta_k = (m_k - M) scale,  a_k = 2^delta_k,  s_k = 1 + r_k
-    #   r = sum_{m_k = M} r_k + sum_{m_k < M} a_k s_k + n_M - 1      (n_M slices hold the max)
+    #   r = (n_M - 1) + sum_{m_k = M} r_k + sum_{m_k < M} a_k s_k      (n_M slices hold the max)
     #   u = sum a_k (u_k + delta_k s_k)
     # A row of only -inf has M = -inf, and (m_k - M) = NaN makes its results NaN.
     row = tl.program_id(0).to(tl.int64)
@@ -191,7 +200,9 @@ def _merge_kernel(
         delta = tl.maximum((m_k - m) * scale, FLOOR, propagate_nan=NAN_ALL)
         a = tl.exp2(delta)
         tied = valid & (m_k == m)
-        r = tl.sum(tl.where(tied, r_k, a + a * r_k), 0) + tl.sum(tied.to(tl.float32), 0) - 1.0
+        # n_M - 1 (an exact integer) first: (sum + n_M) - 1 would round a confident row's small
+        # sum away against the 1 of its top.
+        r = (tl.sum(tied.to(tl.float32), 0) - 1.0) + tl.sum(tl.where(tied, r_k, a + a * r_k), 0)
         u = tl.sum(tl.where(valid, a * (u_k + delta * (1.0 + r_k)), 0.0), 0)
         x_base = _row_base(x_ptr, row, n_t, stride_b, stride_t)
         _finish_row(m, tl.full([], 1.0, tl.float32), r, u, x_base, labels_ptr, V, inv_temp, row, logp_ptr, ent_ptr, m_ptr, c_ptr, HAS_LABELS)

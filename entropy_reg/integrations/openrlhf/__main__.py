@@ -23,10 +23,11 @@ from dataclasses import MISSING, fields
 from typing import Any, Iterator, Sequence
 
 from ...regularizer import AERConfig
+from .. import checked_regularizer
 from .config import CONFIG_ENV, config_to_env
 from .hook import HOOK, install
 
-__all__ = ["parse_args", "runtime_env_with_aer", "main"]
+__all__ = ["parse_args", "check_difficulty_signal", "runtime_env_with_aer", "main"]
 
 OPENRLHF_MAIN = "openrlhf.cli.train_ppo_ray"
 _PREFIX = "--aer."
@@ -74,9 +75,10 @@ def parse_args(argv: Sequence[str]) -> tuple[AERConfig, list[str]]:
     """Split ``argv`` into the :class:`AERConfig` of its ``--aer.*`` flags and OpenRLHF's flags.
 
     Raises SystemExit (argparse's usage error) for a malformed or unknown
-    ``--aer.*`` flag and ValueError for ``--actor.entropy_coef`` other than 0;
-    adds ``--actor.entropy_coef 0`` when absent (AER needs OpenRLHF to compute
-    the entropy, and 0 adds no bonus of its own).
+    ``--aer.*`` flag, ValueError for ``--actor.entropy_coef`` other than 0 and
+    for a run whose rewards cannot tell solved from unsolved
+    (:func:`check_difficulty_signal`); adds ``--actor.entropy_coef 0`` when
+    absent (AER needs OpenRLHF to compute the entropy, and 0 adds no bonus of its own).
     """
     parser = _aer_parser()
     ours, rest = parser.parse_known_args(list(argv))
@@ -84,6 +86,8 @@ def parse_args(argv: Sequence[str]) -> tuple[AERConfig, list[str]]:
     if stray:
         parser.error(f"unknown AER flag {stray[0]} (see --aer.help)")
     config = AERConfig(**vars(ours))
+    threshold_given = any(a.split("=", 1)[0] == f"{_PREFIX}success_threshold" for a in argv)
+    check_difficulty_signal(config, rest, threshold_given=threshold_given)
     coef = argparse.ArgumentParser(add_help=False)
     coef.add_argument("--actor.entropy_coef", dest="entropy_coef", type=float, default=None)
     given = coef.parse_known_args(rest)[0].entropy_coef
@@ -92,6 +96,43 @@ def parse_args(argv: Sequence[str]) -> tuple[AERConfig, list[str]]:
     elif given != 0:
         raise ValueError(f"--actor.entropy_coef is {given}: AER replaces OpenRLHF's entropy bonus; set it to 0")
     return config, rest
+
+
+def check_difficulty_signal(config: AERConfig, openrlhf_argv: Sequence[str], *, threshold_given: bool) -> None:
+    """Refuse, before Ray starts, rewards from which AER's difficulty weights would mean nothing.
+
+    - ``--rollout.n_samples_per_prompt 1`` (OpenRLHF's default): each prompt's
+      accuracy is 0 or 1, so a difficulty rule puts the whole bonus on the
+      failed samples; only ``--aer.difficulty_rule uniform`` (no difficulty) runs.
+    - rewards from a reward model (``--reward.model_name_or_path`` with neither
+      ``--reward.remote_url`` nor ``--train.agent_func_path``): a score has no
+      natural line between solved and unsolved, so ``--aer.success_threshold``
+      must be given on the command line (or the rule be ``uniform``). A remote
+      reward function is taken to return verifier scores.
+
+    ValueError with the reason and the fix.
+    """
+    if config.difficulty_rule == "uniform":
+        return
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--rollout.n_samples_per_prompt", dest="n", type=int, default=1)
+    for flag in ("--reward.model_name_or_path", "--reward.remote_url", "--train.agent_func_path"):
+        parser.add_argument(flag, dest=flag[2:].replace(".", "_"), default=None)
+    args = parser.parse_known_args(list(openrlhf_argv))[0]
+    if args.n == 1:
+        raise ValueError(
+            "--rollout.n_samples_per_prompt is 1: each prompt's accuracy is then 0 or 1, so AER's difficulty "
+            f"rule ({config.difficulty_rule}) puts the whole bonus on the failed samples. Sample several responses "
+            "per prompt (e.g. --rollout.n_samples_per_prompt 8), or pass --aer.difficulty_rule uniform"
+        )
+    reward_model = args.reward_model_name_or_path and not (args.reward_remote_url or args.train_agent_func_path)
+    if reward_model and not threshold_given:
+        raise ValueError(
+            "the rewards come from a reward model (--reward.model_name_or_path), whose scores have no natural line "
+            "between solved and unsolved, and AER counts a sample as solved when its reward is above "
+            f"--aer.success_threshold (default {config.success_threshold}). Pass --aer.success_threshold <the reward "
+            "that means success>, or --aer.difficulty_rule uniform"
+        )
 
 
 def runtime_env_with_aer(runtime_env: dict[str, Any] | None, config_json: str) -> dict[str, Any]:
@@ -127,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run ``train_ppo_ray`` as ``__main__`` with ``argv`` (default ``sys.argv[1:]``) and AER."""
     try:
         config, rest = parse_args(sys.argv[1:] if argv is None else argv)
-        config_json = config_to_env(config)  # checks every setting before anything starts
+        checked_regularizer(config, lambda field: f"{_PREFIX}{field}")  # every setting, named as typed
+        config_json = config_to_env(config)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"python -m entropy_reg.integrations.openrlhf: error: {e}") from None
     os.environ[CONFIG_ENV] = config_json  # the driver's own copy (a Ray worker gets the runtime_env's)

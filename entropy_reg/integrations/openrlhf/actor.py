@@ -16,6 +16,8 @@ actor).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +26,11 @@ import ray
 from openrlhf.trainer.ray import ppo_actor
 from torch import Tensor
 
+from .. import check_resumed
 from .config import check_entropy_coef, config_from_env
 from .core import METRIC_PREFIX, WEIGHT_KEY, OpenRLHFAER
+from .fused import actor_pass
+from .fused import install as install_fused
 from .hook import apply_if_installed
 
 __all__ = ["AERActorPPOTrainer", "AERPolicyModelActor", "LOSS_METRIC"]
@@ -80,9 +85,14 @@ class AERActorPPOTrainer(ppo_actor.ActorPPOTrainer):
     def __init__(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         check_entropy_coef(strategy.args)  # None -> 0.0 here, so the actor returns output.entropy
         super().__init__(strategy, *args, **kwargs)
-        self.aer = OpenRLHFAER(config_from_env(), token_level_loss=self.actor_loss_fn.token_level_loss)
+        config = config_from_env()
+        self.aer = OpenRLHFAER(config, token_level_loss=self.actor_loss_fn.token_level_loss)
+        self.fused_entropy = config.fused_entropy  # --aer.fused_entropy: see .fused
+        if self.fused_entropy:
+            install_fused()
         self.actor_loss_fn = _PolicyLossWithAER(self.actor_loss_fn, self)
         self._aer_micro_batch: _MicroBatch | None = None
+        self._aer_micro_batches = 0  # micro-batches trained in this ppo_train
         self.actor.register_forward_hook(self._keep_entropy)
 
     def _keep_entropy(self, module: Any, inputs: Any, output: Any) -> None:
@@ -105,19 +115,36 @@ class AERActorPPOTrainer(ppo_actor.ActorPPOTrainer):
 
     def training_step(self, experience: Any, kl_ctl: float, step: int, loss_batch_info: Any = None) -> dict:
         self._aer_micro_batch = _MicroBatch(experience)
+        swap = (
+            actor_pass(experience.sequences, experience.action_mask, packing_samples=self.args.ds.packing_samples)
+            if self.fused_entropy
+            else contextlib.nullcontext()
+        )
         try:
-            status = super().training_step(experience, kl_ctl, step, loss_batch_info)
+            with swap:
+                status = super().training_step(experience, kl_ctl, step, loss_batch_info)
             term = self._aer_micro_batch.term
         finally:
             self._aer_micro_batch = None
         if term is None:
             raise RuntimeError("AER: OpenRLHF's training_step did not call its policy loss; AER's term is missing")
+        self._aer_micro_batches += 1
+        if self._ends_optimizer_step(step):
+            self.aer.end_optimizer_step()
         # Weighted like OpenRLHF's policy_loss (per micro-batch, by its tokens).
         status["metrics"][LOSS_METRIC] = term.detach()
         status["weights"][LOSS_METRIC] = "token"
         return status
 
+    def _ends_optimizer_step(self, step: int) -> bool:
+        """Whether the micro-batch just trained completed an optimizer step: OpenRLHF's dynamic batching
+        says so per micro-batch; otherwise DeepSpeed steps every ``accumulated_gradient`` micro-batches."""
+        if self.args.train.dynamic_batch_enable:
+            return bool(self.replay_buffer.dynamic_optimizer_step[step])
+        return self._aer_micro_batches % max(int(self.strategy.accumulated_gradient), 1) == 0
+
     def ppo_train(self, kl_ctl: float) -> dict:
+        self._aer_micro_batches = 0
         status = super().ppo_train(kl_ctl)
         status.update(self.aer.update(group=_dp_group(self.strategy)))
         return status
@@ -146,7 +173,11 @@ class _AERPolicyModelActor(ppo_actor.PolicyModelActor.__ray_actor_class__):
 
     def init_model_from_pretrained(self, strategy: Any, pretrain: Any, max_steps: Any = None, vllm_engines: Any = None):
         super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
-        _trainer_aer(self.trainer).load(self.checkpoint_states)
+        aer = _trainer_aer(self.trainer)
+        restored = aer.load(self.checkpoint_states)
+        if self.checkpoint_states:  # OpenRLHF resumed from a DeepSpeed checkpoint (--ckpt.load_enable)
+            checkpoint = os.path.join(strategy.args.ckpt.path, "_actor")
+            check_resumed(aer.regularizer, restored, checkpoint, "--aer.reanchor_on_missing_state true")
         if self.disable_ds_ckpt:
             warnings.warn(_NO_DS_CKPT, stacklevel=2)
 

@@ -32,11 +32,19 @@ def config_to_env(config: AERConfig) -> str:
 
 
 def config_from_env(environ: Any = None) -> AERConfig:
-    """The :class:`AERConfig` in ``environ[CONFIG_ENV]`` (default ``os.environ``); the defaults when unset."""
+    """The :class:`AERConfig` in ``environ[CONFIG_ENV]`` (default ``os.environ``).
+
+    Unset, it raises RuntimeError: a worker with AER's classes but without the
+    launcher's settings would otherwise run on defaults nobody chose.
+    """
     env = os.environ if environ is None else environ
     raw = env.get(CONFIG_ENV)
     if raw is None:
-        return AERConfig()
+        raise RuntimeError(
+            f"AER: this process has AER's OpenRLHF classes but not AER's settings ({CONFIG_ENV} is unset): "
+            "OpenRLHF was not started by AER's launcher. Launch with python -m entropy_reg.integrations.openrlhf "
+            "<train_ppo_ray flags> --aer.<setting> <value> ..."
+        )
     try:
         settings = json.loads(raw)
     except json.JSONDecodeError as e:

@@ -139,6 +139,9 @@ class OpenRLHFAER:
         self.regularizer = as_regularizer(regularizer)
         self.mode = "token-mean" if token_level else "seq-mean-token-mean"
         self.window = EntropyWindow()
+        # The RL step's first optimizer step, trained on the policy before this step's updates: the anchor's entropy.
+        self.first_window = EntropyWindow()
+        self._first_open = True
 
     def loss(
         self,
@@ -156,7 +159,8 @@ class OpenRLHFAER:
         ``[B, S-1]`` over the whole shifted sequence, prompt positions masked);
         ``weights``: ``experience.info["aer_weight"]``; ``loss_batch_info``: the
         dict OpenRLHF passes to its policy loss (None: this micro-batch alone).
-        The micro-batch's entropy also goes into the step's window.
+        The micro-batch's entropy also goes into the step's window, and into the
+        first optimizer step's until :meth:`end_optimizer_step`.
         """
         if not isinstance(entropy, Tensor) or entropy.dim() != 2:
             raise ValueError("entropy must be a [batch, tokens] tensor")
@@ -170,25 +174,37 @@ class OpenRLHFAER:
         info = dict(loss_batch_info or {})
         term = self.regularizer.loss(h, action_mask, w * self.regularizer.value, agg=self.mode, **info)
         self.window.add(h, action_mask)
+        if self._first_open:
+            self.first_window.add(h, action_mask)
         return term
+
+    def end_optimizer_step(self) -> None:
+        """Called after the micro-batch that completes an optimizer step: the RL step's later
+        micro-batches train a policy this step already updated, so they stay out of the anchor."""
+        self._first_open = False
 
     def update(self, *, group: Any = None) -> dict[str, float]:
         """Once per RL step on every actor rank (end of ``ppo_train``); returns the metrics.
 
         One all-reduce of the entropy gathered by :meth:`loss` over ``group``
-        (the data-parallel ranks), then the target and alpha move once. A rank
+        (the data-parallel ranks), then the target and alpha move once. While the
+        target is not anchored, the entropy is that of the first optimizer step's
+        micro-batches only (the policy before any update of this RL step, as the
+        other adapters measure it), not of every epoch and optimizer step. A rank
         that ran no micro-batch still joins the all-reduce with nothing to add;
         when no rank saw a token, every rank skips the update together
         (``aer/update_skipped`` = 1) and alpha stays where it is.
         """
-        if self.window.empty:
+        # The same choice on every rank: all hold the same state.
+        window = self.first_window if self.regularizer.target.anchor is None else self.window
+        self.window, self.first_window, self._first_open = EntropyWindow(), EntropyWindow(), True
+        if window.empty:
             # An empty contribution keeps this rank in the collective: reduce first, then decide.
-            self.window.add(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+            window.add(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
         try:
-            entropy = self.window.reduce(group=group)
+            entropy = window.reduce(group=group)
         except ValueError:
             # Raised after the all-reduce, on every rank alike: no token on any rank.
-            self.window = EntropyWindow()
             out = self.regularizer.metrics(METRIC_PREFIX)
             out[f"{METRIC_PREFIX}update_skipped"] = 1.0
             return out
