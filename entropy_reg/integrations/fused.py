@@ -85,9 +85,12 @@ class PairedPass:
         """Stands in for the trainer's log-prob function: the pass's log-probs (running it if not yet run)."""
         if self.logits is not logits:
             self.run(logits, labels, inplace_backward=inplace_backward)
-        elif labels is not self.labels and not torch.equal(labels.to(self.labels.device), self.labels):
+        elif labels is not self.labels:
             # The entropy call ran the pass with labels derived from the batch: they must be the trainer's.
-            raise RuntimeError("PairedPass: the trainer's log-prob labels differ from the pair's; layout not supported")
+            # Checked on the device (no host sync in the actor update): a RuntimeError when it runs.
+            same = labels.shape == self.labels.shape and (labels.to(self.labels.device) == self.labels).all()
+            message = "PairedPass: the trainer's log-prob labels differ from the pair's; layout not supported"
+            torch._assert_async(torch.as_tensor(same), message)
         return self.logprobs
 
     def entropy_of(self, logits: Tensor) -> Tensor:
