@@ -112,8 +112,8 @@ def test_openrlhfs_entropy_function_is_not_called_with_the_swap(monkeypatch, o):
     calls: list[str] = []
     fused.install()
     for name in ("compute_entropy", "log_probs_from_logits"):
-        original = fused._originals[name]
-        monkeypatch.setitem(fused._originals, name, lambda *a, _n=name, _f=original: (calls.append(_n), _f(*a))[1])
+        original = fused._rebound.originals[name]
+        monkeypatch.setitem(fused._rebound.originals, name, lambda *a, _n=name, _f=original: (calls.append(_n), _f(*a))[1])
     passes: list[int] = []
     run = shared.PairedPass.run
     monkeypatch.setattr(shared.PairedPass, "run", lambda self, *a, **k: (passes.append(1), run(self, *a, **k))[1])

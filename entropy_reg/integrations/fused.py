@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..entropy import token_logprobs_and_entropy
 
-__all__ = ["PairedPass", "active", "use"]
+__all__ = ["PairedPass", "Rebinding", "active", "use"]
 
 _ACTIVE: contextvars.ContextVar[PairedPass | None] = contextvars.ContextVar("entropy_reg_paired_pass", default=None)
 
@@ -116,3 +116,28 @@ def use(pair: PairedPass) -> Iterator[PairedPass]:
     finally:
         _ACTIVE.reset(token)
 
+
+class Rebinding:
+    """Names of a trainer's modules rebound to this package's dispatchers, undoably.
+
+    ``originals[key]`` keeps each replaced object (the dispatchers call it when no
+    pass is :func:`active`); :meth:`undo` puts them all back. True while any is rebound.
+    """
+
+    def __init__(self) -> None:
+        self.originals: dict[str, Any] = {}
+        self._homes: dict[str, tuple[Any, str]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.originals)
+
+    def swap(self, key: str, owner: Any, name: str, new: Any) -> None:
+        """``owner.name = new``, keeping the original as ``originals[key]``."""
+        self.originals[key] = getattr(owner, name)
+        self._homes[key] = (owner, name)
+        setattr(owner, name, new)
+
+    def undo(self) -> None:
+        for key, (owner, name) in self._homes.items():
+            setattr(owner, name, self.originals.pop(key))
+        self._homes.clear()

@@ -33,22 +33,22 @@ import torch
 from openrlhf.models import actor as actor_module
 from torch import Tensor
 
-from ..fused import PairedPass, active, use
+from ..fused import PairedPass, Rebinding, active, use
 
 __all__ = ["install", "installed", "uninstall", "response_rows", "actor_pass"]
 
-_originals: dict[str, object] = {}
+_rebound = Rebinding()
 
 
 def _compute_entropy(logits: Tensor) -> Tensor:
     pair = active()
-    return _originals["compute_entropy"](logits) if pair is None else pair.entropy_of(logits)
+    return _rebound.originals["compute_entropy"](logits) if pair is None else pair.entropy_of(logits)
 
 
 def _log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     pair = active()
     if pair is None or temperature != 1.0:  # Actor.forward scales before and passes 1.0
-        return _originals["log_probs_from_logits"](logits, labels, temperature)
+        return _rebound.originals["log_probs_from_logits"](logits, labels, temperature)
     return pair.logprobs_of(logits, labels)
 
 
@@ -84,7 +84,7 @@ def actor_pass(sequences: Tensor, action_mask: Tensor, *, packing_samples: bool)
 
 def installed() -> bool:
     """True between :func:`install` and :func:`uninstall`."""
-    return bool(_originals)
+    return bool(_rebound)
 
 
 def install() -> None:
@@ -94,14 +94,10 @@ def install() -> None:
     """
     if installed():
         return
-    _originals["compute_entropy"] = actor_module.compute_entropy
-    _originals["log_probs_from_logits"] = actor_module.log_probs_from_logits
-    actor_module.compute_entropy = _compute_entropy
-    actor_module.log_probs_from_logits = _log_probs_from_logits
+    _rebound.swap("compute_entropy", actor_module, "compute_entropy", _compute_entropy)
+    _rebound.swap("log_probs_from_logits", actor_module, "log_probs_from_logits", _log_probs_from_logits)
 
 
 def uninstall() -> None:
     """Undo :func:`install` (tests)."""
-    for name, fn in _originals.items():
-        setattr(actor_module, name, fn)
-    _originals.clear()
+    _rebound.undo()

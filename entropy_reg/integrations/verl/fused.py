@@ -42,13 +42,12 @@ import torch
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.fsdp import transformer_impl as fsdp_impl
 
-from ..fused import PairedPass, active, use
+from ..fused import PairedPass, Rebinding, active, use
 
 __all__ = ["FUSED_ATTR", "FusedEntropyLoss", "install", "installed", "uninstall", "wants_fused", "megatron_logprobs"]
 
 FUSED_ATTR = "fused_entropy"
-_originals: dict[str, Any] = {}
-_homes: dict[str, tuple[Any, str]] = {}  # key -> (owner, attribute name) of each swapped original
+_rebound = Rebinding()
 
 
 def wants_fused(loss_fn: Any) -> bool:
@@ -88,12 +87,12 @@ def _fsdp_logprobs(logits: torch.Tensor, labels: torch.Tensor, inplace_backward:
     """``logprobs_from_logits`` as the FSDP engine module calls it; the pair's output inside a fused forward."""
     pair = active()
     if pair is None:
-        return _originals["fsdp_logprobs"](logits=logits, labels=labels, inplace_backward=inplace_backward)
+        return _rebound.originals["fsdp_logprobs"](logits=logits, labels=labels, inplace_backward=inplace_backward)
     return pair.logprobs_of(logits, labels, inplace_backward=inplace_backward)
 
 
 def _fsdp_prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
-    original = _originals["fsdp_prepare"]
+    original = _rebound.originals["fsdp_prepare"]
     f = _flags(micro_batch, "calculate_entropy", "use_fused_kernels", "distillation_only", "distillation_use_topk",
                "calculate_sum_pi_squared")
     if not wants_fused(logits_processor_func) or not f["calculate_entropy"] or f["use_fused_kernels"] \
@@ -118,12 +117,12 @@ def megatron_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """``vocab_parallel_log_probs_from_logits`` as the Megatron engine calls it; the pair's in a fused forward."""
     pair = active()
     if pair is None:
-        return _originals["megatron_logprobs"](logits, labels)
+        return _rebound.originals["megatron_logprobs"](logits, labels)
     return pair.logprobs_of(logits, labels)
 
 
 def _megatron_logits_processor(self, logits, label, temperature, **kwargs):
-    original = _originals["megatron_processor"]
+    original = _rebound.originals["megatron_processor"]
     if not (kwargs["calculate_entropy"] and wants_fused(kwargs["logits_processor_func"])) \
             or kwargs["distillation_only"]:
         return original(self, logits, label, temperature, **kwargs)
@@ -140,7 +139,7 @@ def _megatron_logits_processor(self, logits, label, temperature, **kwargs):
 
 def installed() -> bool:
     """True once :func:`install` has wrapped verl's engine in this process."""
-    return "fsdp_prepare" in _originals
+    return bool(_rebound)
 
 
 def install() -> None:
@@ -153,27 +152,19 @@ def install() -> None:
     if installed():
         return
     fsdp = fsdp_impl.FSDPEngineWithLMHead
-    _swap("fsdp_logprobs", fsdp_impl, "logprobs_from_logits", _fsdp_logprobs)
-    _swap("fsdp_prepare", fsdp, "prepare_model_outputs", functools.wraps(fsdp.prepare_model_outputs)(_fsdp_prepare_model_outputs))
+    _rebound.swap("fsdp_logprobs", fsdp_impl, "logprobs_from_logits", _fsdp_logprobs)
+    _rebound.swap("fsdp_prepare", fsdp, "prepare_model_outputs",
+                  functools.wraps(fsdp.prepare_model_outputs)(_fsdp_prepare_model_outputs))
     try:
         from verl.workers.engine.megatron import transformer_impl as megatron_impl
     except ImportError:  # no megatron-core in this environment: no Megatron engine to wrap
         return
     mcls = megatron_impl.MegatronEngineWithLMHead
-    _swap("megatron_logprobs", megatron_impl, "vocab_parallel_log_probs_from_logits", megatron_logprobs)
-    _swap("megatron_processor", mcls, "_lm_head_logits_processor",
-          functools.wraps(mcls._lm_head_logits_processor)(_megatron_logits_processor))
-
-
-def _swap(key: str, owner: Any, name: str, new: Any) -> None:
-    """``owner.name = new``, keeping the original under ``key`` (and where it lived, for :func:`uninstall`)."""
-    _originals[key] = getattr(owner, name)
-    _homes[key] = (owner, name)
-    setattr(owner, name, new)
+    _rebound.swap("megatron_logprobs", megatron_impl, "vocab_parallel_log_probs_from_logits", megatron_logprobs)
+    _rebound.swap("megatron_processor", mcls, "_lm_head_logits_processor",
+                  functools.wraps(mcls._lm_head_logits_processor)(_megatron_logits_processor))
 
 
 def uninstall() -> None:
     """Undo :func:`install` (tests)."""
-    for key, (owner, name) in _homes.items():
-        setattr(owner, name, _originals.pop(key))
-    _homes.clear()
+    _rebound.undo()
