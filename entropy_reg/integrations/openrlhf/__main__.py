@@ -23,7 +23,6 @@ from dataclasses import MISSING, fields
 from typing import Any, Iterator, Sequence
 
 from ...regularizer import AERConfig
-from .. import checked_regularizer
 from .config import CONFIG_ENV, config_to_env
 from .hook import HOOK, install
 
@@ -168,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run ``train_ppo_ray`` as ``__main__`` with ``argv`` (default ``sys.argv[1:]``) and AER."""
     try:
         config, rest = parse_args(sys.argv[1:] if argv is None else argv)
-        checked_regularizer(config, lambda field: f"{_PREFIX}{field}")  # every setting, named as typed
-        config_json = config_to_env(config)
+        config_json = config_to_env(config)  # checks every setting, named as typed
     except (TypeError, ValueError) as e:
         raise SystemExit(f"python -m entropy_reg.integrations.openrlhf: error: {e}") from None
     os.environ[CONFIG_ENV] = config_json  # the driver's own copy (a Ray worker gets the runtime_env's)

@@ -14,7 +14,8 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from ...regularizer import AdaptiveEntropyRegularizer, AERConfig
+from ...regularizer import AERConfig
+from .. import checked_regularizer
 
 __all__ = ["CONFIG_ENV", "config_to_env", "config_from_env", "check_entropy_coef"]
 
@@ -27,7 +28,8 @@ def config_to_env(config: AERConfig) -> str:
         raise TypeError(f"config must be an AERConfig, got {type(config).__name__}")
     if callable(config.difficulty_rule):
         raise TypeError("config.difficulty_rule must be a rule name here: a callable cannot travel to Ray workers")
-    AdaptiveEntropyRegularizer(config)  # every setting checked before any worker starts
+    # every setting checked before any worker starts, errors naming the launcher's flags
+    checked_regularizer(config, lambda field: f"--aer.{field}")
     return json.dumps({f.name: getattr(config, f.name) for f in fields(AERConfig)}, allow_nan=False)
 
 

@@ -46,7 +46,7 @@ def prepare_config(config: Any) -> AERConfig:
       :class:`VerlAER`); unknown or bad values raise, naming ``+aer.<field>``,
       before anything starts.
     """
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     actor = config.actor_rollout_ref.actor
     if float(actor.entropy_coeff) != 0.0:
